@@ -1,0 +1,38 @@
+"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target):
+    """Yield a temporary path next to ``target``; rename it onto ``target`` only on success.
+
+    On any exception the temporary file is removed and ``target`` is left as it was (absent, or
+    the previous complete version), so a reader never sees a half-written file.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_text(target, text):
+    """Write ``text`` to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text(text)

@@ -1,0 +1,74 @@
+"""Command line: ``ddmpi train | predict`` (also ``python -m ddmpi ...``), MPI-safe.
+
+Every subcommand runs under :func:`ddmpi.mpi_abort.run_or_abort`: an exception on any rank
+prints that rank's message and aborts the whole job with a non-zero exit instead of leaving the
+other ranks waiting.
+"""
+
+import argparse
+import sys
+
+from ddmpi import __version__
+
+
+def _user_errors():
+    from ddmpi.config import ConfigError
+    from ddmpi.mapping import MappingError
+    from ddmpi.rundir import RunDirError
+    from ddmpi.schema import DatasetError
+
+    return (ConfigError, DatasetError, MappingError, RunDirError, FileNotFoundError)
+
+
+def build_parser():
+    from ddmpi.train import RESUME_IF_POSSIBLE
+
+    parser = argparse.ArgumentParser(
+        prog="ddmpi", description="Domain-decomposition training of CNN image classifiers "
+        "under MPI: local CNNs per subdomain, coarse DNN on rank 0.")
+    parser.add_argument("--version", action="version", version=f"ddmpi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="train a decomposed CNN-DNN (mpirun -n P ddmpi train --config run.yaml)",
+        description="Train one local CNN per subdomain (ranks own subdomains), gather the local "
+        "decisions on rank 0, train the coarse DNN, compare with majority vote and averaged "
+        "probabilities, and write metrics, plots and checkpoints to the run directory.")
+    train.add_argument("--config", help="YAML run configuration (see ddmpi/configs/)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set local.epochs=5 (repeatable)")
+    train.add_argument("--run-dir", help="run directory (overrides run.dir)")
+    train.add_argument("--resume", nargs="?", const=RESUME_IF_POSSIBLE, metavar="RUN_DIR",
+                       help="continue RUN_DIR where it stopped; without RUN_DIR, continue the "
+                       "configured run directory if it holds a run, else start it")
+
+    predict = sub.add_parser(
+        "predict", help="classify new images with a trained run",
+        description="Predict classes and probabilities of new images (a ddmpi HDF5 file, "
+        "image files or NIfTI volumes) with a trained run directory; serial, or under MPI "
+        "with the subdomains spread over the ranks.")
+    predict.add_argument("run_dir", help="run directory written by 'ddmpi train'")
+    predict.add_argument("inputs", nargs="+", help="HDF5 data set, image files or NIfTI volumes")
+    predict.add_argument("--split", default="test", help="split to classify in an HDF5 input")
+    predict.add_argument("--combiner", default="cnn_dnn",
+                         choices=("cnn_dnn", "majority_vote", "average_probabilities"))
+    predict.add_argument("--out", help="write predictions as CSV (default: print)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from mpi4py import MPI
+
+    from ddmpi.mpi_abort import run_or_abort
+
+    if args.command == "train":
+        from ddmpi.train import main as command
+    else:
+        from ddmpi.predict import main as command
+    run_or_abort(command, args, MPI.COMM_WORLD, user_error_types=_user_errors())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

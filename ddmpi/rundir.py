@@ -1,0 +1,49 @@
+"""The run directory: created and checked by rank 0 before any work, per-rank logs inside it."""
+
+import logging
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+MIN_FREE_BYTES = 64 << 20
+
+
+class RunDirError(ValueError):
+    """The run directory cannot hold this run (unwritable, full, or holds a different run)."""
+
+
+def check_writable(run_dir, min_free_bytes=MIN_FREE_BYTES):
+    """Create ``run_dir`` if needed and make sure files can be written there; raise otherwise."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"run directory {run_dir} is not writable: {err.strerror}") from err
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        raise RunDirError(f"run directory {run_dir}: only {free >> 20} MiB free on its file "
+                          f"system, need at least {min_free_bytes >> 20} MiB")
+
+
+def rank_logger(run_dir, rank, console=False):
+    """Logger writing to ``RUN_DIR/logs/rank_XXXXX.log`` (and to stdout when ``console``)."""
+    logger = logging.getLogger(f"ddmpi.rank{rank}")
+    logger.handlers.clear()
+    logger.setLevel(logging.DEBUG)  # file: everything; console: INFO and above
+    logger.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s")
+    log_dir = Path(run_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / f"rank_{rank:05d}.log")
+    handler.setFormatter(fmt)
+    logger.addHandler(handler)
+    if console:
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setLevel(logging.INFO)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(stream)
+    return logger

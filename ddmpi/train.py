@@ -1,0 +1,342 @@
+"""``ddmpi train``: the decomposed CNN-DNN pipeline, one rank per subdomain (or several per rank).
+
+    config -> decomposition -> data -> local training -> gather -> coarse model -> report
+
+Ownership: every rank of ``comm`` owns the subdomains :func:`ddmpi.mapping.assign_subdomains`
+gives it, reads only their hyperslabs, trains their local CNNs without any communication, and
+writes their checkpoints and local decisions. Rank 0 alone receives the gathered decisions,
+trains the coarse DNN and writes the report. Every phase leaves files in the run directory that
+``--resume`` picks up, so a killed or preempted job continues where it stopped.
+"""
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddmpi import cluster, combiners, preemption, report
+from ddmpi.atomic import atomic_path, write_text
+from ddmpi.checkpoint import load_checkpoint, save_checkpoint
+from ddmpi.config import ConfigError, dump, load_config, to_dict
+from ddmpi.decomposition import Decomposition
+from ddmpi.gather import gather_decisions
+from ddmpi.local_training import Preempted, TensorSource, predict_proba, train_local
+from ddmpi.mapping import assign_subdomains
+from ddmpi.models import count_parameters
+from ddmpi.progress import Progress
+from ddmpi.reader import load_subdomain
+from ddmpi.rundir import check_writable, rank_logger
+from ddmpi.schema import read_info, read_labels
+
+SPLITS = ("train", "val", "test")
+
+
+class PhaseTimer:
+    """Wall time of named phases on this rank."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, phase):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def collective_check(comm, func, *args):
+    """Run ``func`` on rank 0 only; every rank raises the error rank 0 met (no rank waits)."""
+    error = None
+    if comm.rank == 0:
+        try:
+            func(*args)
+        except (ValueError, OSError) as err:
+            error = err
+    error = comm.bcast(error, root=0)
+    if error is not None:
+        raise error
+
+
+def resolve_config(config_path, overrides, resume_dir):
+    """The configuration of this run: from ``--config``/``--set``, or stored in ``resume_dir``.
+
+    Resuming with a configuration that differs from the stored one is an error naming the
+    first differing field, since the checkpoints belong to the stored one.
+    """
+    if resume_dir is None:
+        if config_path is None:
+            raise ConfigError("ddmpi train: give --config FILE (or --resume RUN_DIR)")
+        return load_config(config_path, overrides)
+    stored = Path(resume_dir) / "config.yaml"
+    if config_path is None:
+        if not stored.exists():
+            raise ConfigError(f"{resume_dir}: no config.yaml to resume from")
+        return load_config(stored, [f"run.dir={resume_dir}", *overrides])
+    config = load_config(config_path, [f"run.dir={resume_dir}", *overrides])
+    if stored.exists():
+        previous = to_dict(load_config(stored))
+        for key, (a, b) in _differences(previous, to_dict(config)):
+            raise ConfigError(f"config field '{key}': {b!r} differs from {a!r} stored in "
+                              f"{stored}; resume with the stored configuration")
+    return config
+
+
+def _differences(a, b, prefix=""):
+    for key in a:
+        if isinstance(a[key], dict):
+            yield from _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b[key]:
+            yield f"{prefix}{key}", (a[key], b[key])
+
+
+def run_train(config, comm, resume=False):
+    """Train the decomposed CNN-DNN described by ``config`` on the ranks of ``comm``.
+
+    Returns the metrics dict on rank 0, ``None`` elsewhere.
+    """
+    wall_start = time.perf_counter()
+    timer = PhaseTimer()
+    rank, size = comm.rank, comm.size
+    run_dir = Path(config.run.dir)
+
+    with timer("setup"):
+        collective_check(comm, check_writable, run_dir)
+        if rank == 0 and not (resume and (run_dir / "config.yaml").exists()):
+            write_text(run_dir / "config.yaml", dump(config))
+        comm.Barrier()
+        log = rank_logger(run_dir, rank, console=(rank == 0))
+        info = read_info(config.data.path)
+        grid = config.decomposition.grid
+        if len(grid) != info.spatial_dims:
+            raise ConfigError(f"config field 'decomposition.grid': {grid} has {len(grid)} axes, "
+                              f"but {info.path} holds {info.spatial_dims}D images "
+                              f"{info.spatial_shape}")
+        try:
+            decomposition = Decomposition(info.spatial_shape, grid, config.decomposition.overlap)
+        except ValueError as err:
+            raise ConfigError(f"config field 'decomposition': {err}") from err
+        for split in SPLITS:
+            if split not in info.splits:
+                raise ConfigError(f"config field 'data.path': {info.path} has no {split!r} "
+                                  f"split (it has {list(info.splits)})")
+        owned = assign_subdomains(decomposition.num_subdomains, size)[rank]
+        binding = cluster.bind_process(comm, config.run.device, config.run.threads_per_rank)
+        device = binding.device
+        amp = config.run.amp is True or (config.run.amp == "auto" and device.type == "cuda")
+        log.info(f"{binding}{' amp=bf16' if amp else ''}")
+        if rank == 0:
+            write_text(run_dir / "dataset.json", json.dumps(dataset_record(info), indent=2))
+        log.info(f"{decomposition}; rank {rank} owns subdomains {owned}")
+        preemption.install()
+
+    progress = Progress(comm, decomposition.num_subdomains * config.local.epochs,
+                        printer=log.info)
+    local_info = {}
+    for sub in owned:
+        local_info[sub] = _train_subdomain(config, info, decomposition, sub, rank, device, amp,
+                                           resume, run_dir, timer, progress, log)
+    progress.rank_done(sum(config.local.epochs - len(v["history"]) for v in local_info.values()))
+    progress.wait_all()
+
+    with timer("gather"):
+        gathered = {}
+        for split in SPLITS:
+            local = {sub: _load_decisions(run_dir, sub)[split] for sub in owned}
+            gathered[split] = gather_decisions(comm, local, decomposition.num_subdomains,
+                                               chunk_bytes=config.run.gather_chunk_mb << 20)
+        all_local = comm.gather(local_info, root=0)
+    timings = comm.gather(timer.seconds, root=0)  # rank 0 replaces its own entry at the end
+
+    if rank != 0:
+        return None
+    with timer("coarse"):
+        labels = {split: read_labels(info.path, split) for split in SPLITS}
+        results = _combine(config, gathered, labels, info, device, run_dir)
+    with timer("report"):
+        local_all = {sub: v for part in all_local for sub, v in part.items()}
+        timings[0] = dict(timer.seconds)
+        metrics = _metrics(config, info, decomposition, size, local_all, results, timings,
+                           time.perf_counter() - wall_start)
+        _write_outputs(run_dir, metrics, local_all, results, info)
+        log.info("\n" + report.results_table(
+            {name: r["test_accuracy"] for name, r in results.items() if name != "_coarse"}))
+        log.info(f"run directory: {run_dir}")
+    return metrics
+
+
+def dataset_record(info):
+    """What ``ddmpi predict`` needs of the training data set: classes, shape, statistics and
+    the converter's preprocessing options (image size and mode, HU window, target shape)."""
+    provenance = json.loads(info.attrs.get("provenance", "{}") or "{}")
+    return {"path": str(info.path), "name": info.name, "classes": info.classes,
+            "channels": info.channels, "spatial_shape": list(info.spatial_shape),
+            "mean": info.mean.tolist(), "std": info.std.tolist(),
+            "preprocessing": provenance.get("options", {}), "converter": info.attrs.get(
+                "converter")}
+
+
+def _checkpoint_path(run_dir, sub):
+    return run_dir / "checkpoints" / f"local_{sub:03d}.pt"
+
+
+def _decisions_path(run_dir, sub):
+    return run_dir / "decisions" / f"local_{sub:03d}.npz"
+
+
+def _load_decisions(run_dir, sub):
+    with np.load(_decisions_path(run_dir, sub)) as data:
+        return {split: data[split] for split in SPLITS}
+
+
+def _train_subdomain(config, info, decomposition, sub, rank, device, amp, resume, run_dir,
+                     timer, progress, log):
+    """Train (or resume) the local CNN of subdomain ``sub``; write its decisions; return info."""
+    shape = decomposition.subdomain_shape(sub)
+    build_kwargs = dict(family=config.local.model.family, spatial_dims=info.spatial_dims,
+                        in_channels=info.channels, num_classes=info.num_classes,
+                        input_shape=shape, depth=config.local.model.depth,
+                        width=config.local.model.width, dropout=config.local.model.dropout,
+                        batchnorm=config.local.model.batchnorm)
+    ckpt_path = _checkpoint_path(run_dir, sub)
+    done = load_checkpoint(ckpt_path) if resume and _decisions_path(run_dir, sub).exists() else None
+    if done is not None and "best_model" in done:
+        log.info(f"subdomain {sub}: finished in an earlier run, skipping")
+        return done["summary"]
+
+    with timer("load_data"):
+        data = {split: load_subdomain(info.path, split, decomposition, sub) for split in SPLITS}
+        pin = device.type == "cuda"
+        sources = {split: TensorSource(torch.from_numpy(x), torch.from_numpy(y), pin=pin)
+                   for split, (x, y) in data.items()}
+    log.info(f"subdomain {sub}: slices {decomposition.slices(sub)}, input {shape}, "
+             f"{len(sources['train'])} train samples")
+    with timer("local_training"):
+        model, history, best_epoch = train_local(
+            build_kwargs, sources["train"], sources["val"], config.local, device=device,
+            seed=config.run.seed + sub, amp=amp, checkpoint_path=ckpt_path, resume=resume,
+            on_epoch=lambda record: (log.debug(f"subdomain {sub}: {asdict(record)}"),
+                                     progress.epoch_done(sub, record)),
+            should_stop=preemption.requested, log=log.info)
+    with timer("local_inference"):
+        decisions = {split: predict_proba(model, sources[split], device, amp=amp)
+                     for split in SPLITS}
+        accuracies = {split: float((decisions[split].argmax(1) == sources[split].y.numpy()).mean())
+                      for split in SPLITS}
+    summary = {"subdomain": sub, "rank": rank,
+               "slices": [[s.start, s.stop] for s in decomposition.slices(sub)],
+               "input_shape": list(shape), "parameters": count_parameters(model),
+               "best_epoch": best_epoch, "history": [asdict(r) for r in history],
+               "accuracy": accuracies, "device": str(device)}
+    with atomic_path(_decisions_path(run_dir, sub)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **decisions)
+    state = load_checkpoint(ckpt_path)
+    state.update(best_model=model.state_dict(), summary=summary, config=to_dict(config))
+    save_checkpoint(ckpt_path, state)
+    log.info(f"subdomain {sub}: test accuracy {accuracies['test']:.4f} (best epoch {best_epoch})")
+    return summary
+
+
+def _combine(config, gathered, labels, info, device, run_dir):
+    """All global decisions on the test split: CNN-DNN, majority vote, averaged probabilities."""
+    k = info.num_classes
+    train_on = config.coarse.train_on
+    if train_on == "train+val":
+        coarse_x = np.concatenate([gathered["train"], gathered["val"]], axis=1)
+        coarse_y = np.concatenate([labels["train"], labels["val"]])
+    else:
+        coarse_x, coarse_y = gathered[train_on], labels[train_on]
+    coarse, history = combiners.train_coarse(coarse_x, coarse_y, config.coarse,
+                                             seed=config.run.seed, device=device,
+                                             val_probs=gathered["val"], val_labels=labels["val"])
+    save_checkpoint(run_dir / "checkpoints" / "coarse.pt",
+                    {"model": coarse.state_dict(), "in_features": coarse_x.shape[0] * k,
+                     "num_classes": k, "config": to_dict(config), "history": history})
+    test_probs, y = gathered["test"], labels["test"]
+    predictions = {
+        "cnn_dnn": combiners.coarse_predict(coarse, test_probs, config.coarse.inputs,
+                                            device).argmax(1),
+        "majority_vote": combiners.majority_vote(test_probs),
+        "average_probabilities": combiners.average_probabilities(test_probs).argmax(1),
+    }
+    results = {}
+    for name, pred in predictions.items():
+        matrix = combiners.confusion_matrix(pred, y, k)
+        results[name] = {"test_accuracy": combiners.accuracy(pred, y),
+                         "per_class_accuracy": dict(zip(info.classes,
+                                                        combiners.per_class_accuracy(matrix))),
+                         "confusion_matrix": matrix}
+    results["_coarse"] = {"train_on": train_on, "history": history,
+                          "parameters": count_parameters(coarse)}
+    return results
+
+
+def _metrics(config, info, decomposition, size, local_all, results, timings, wall):
+    coarse = results["_coarse"]
+    return {
+        "ddmpi_version": __import__("ddmpi").__version__,
+        "config": to_dict(config),
+        "dataset": {"path": str(info.path), "name": info.name, "classes": info.classes,
+                    "spatial_shape": list(info.spatial_shape), "splits": info.splits},
+        "decomposition": {"grid": list(decomposition.grid),
+                          "overlap": list(decomposition.overlap),
+                          "num_subdomains": decomposition.num_subdomains},
+        "ranks": size,
+        "global": {name: r for name, r in results.items() if name != "_coarse"},
+        "local": {str(sub): {k: v for k, v in info_.items() if k != "history"}
+                  for sub, info_ in sorted(local_all.items())},
+        "coarse": {"train_on": coarse["train_on"], "parameters": coarse["parameters"],
+                   "final_train_loss": coarse["history"][-1]["train_loss"]},
+        "parameters": {"local_each": {str(s): v["parameters"] for s, v in local_all.items()},
+                       "local_total": sum(v["parameters"] for v in local_all.values()),
+                       "coarse": coarse["parameters"]},
+        "timings_seconds": {str(r): t for r, t in enumerate(timings)},
+        "wall_seconds": wall,
+    }
+
+
+def _write_outputs(run_dir, metrics, local_all, results, info):
+    report.write_metrics(run_dir / "metrics.json", metrics)
+    report.write_metrics(run_dir / "history.json",
+                         {str(s): v["history"] for s, v in sorted(local_all.items())})
+    plots = run_dir / "plots"
+    report.plot_training_curves(plots / "training_curves.png",
+                                {s: v["history"] for s, v in local_all.items()})
+    report.plot_accuracy_by_combiner(
+        plots / "accuracy_by_combiner.png",
+        {n: r["test_accuracy"] for n, r in results.items() if n != "_coarse"},
+        {s: v["accuracy"]["test"] for s, v in local_all.items()})
+    report.plot_confusion(plots / "confusion_cnn_dnn.png",
+                          results["cnn_dnn"]["confusion_matrix"], info.classes,
+                          "CNN-DNN (test)")
+
+
+RESUME_IF_POSSIBLE = "<run.dir>"
+
+
+def main(args, comm):
+    """Entry of ``ddmpi train`` (arguments parsed by :mod:`ddmpi.cli`).
+
+    ``--resume RUN_DIR`` continues that run with its stored configuration; ``--resume`` alone
+    continues the configured run directory if it holds a run and starts it otherwise, so one
+    batch script serves the first submission and every requeue.
+    """
+    overrides = list(args.set or []) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
+    resume_dir = args.resume
+    if resume_dir == RESUME_IF_POSSIBLE:
+        configured = Path(load_config(args.config, overrides).run.dir)
+        resume_dir = configured if (configured / "config.yaml").exists() else None
+    config = resolve_config(args.config, overrides, resume_dir)
+    try:
+        run_train(config, comm, resume=resume_dir is not None)
+    except Preempted as stop:
+        print(f"[ddmpi rank {comm.rank}] preempted ({stop}); exiting with "
+              f"{preemption.EXIT_PREEMPTED} for requeue", flush=True)
+        os._exit(preemption.EXIT_PREEMPTED)

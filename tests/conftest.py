@@ -1,0 +1,43 @@
+"""Shared fixtures: a small real data set (scikit-learn digits) in the ddmpi HDF5 format."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Ranks and pytest workers share 2 cores here: one intra-op thread each."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def write_digits_h5(path):
+    """Write the 1,797 real scikit-learn digits as a ddmpi data set (70/15/15 split, seeded)."""
+    from helpers import digits_arrays
+
+    from ddmpi.schema import DatasetWriter
+
+    images, labels = digits_arrays()
+    order = np.random.default_rng(0).permutation(len(images))
+    n_train, n_val = int(0.7 * len(order)), int(0.15 * len(order))
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
+             "test": order[n_train + n_val:]}
+    with DatasetWriter(path, name="digits", classes=[str(d) for d in range(10)],
+                       converter="tests.conftest", provenance={"source": "sklearn"}) as writer:
+        for split, idx in parts.items():
+            writer.write_split(split, images[idx], labels[idx], ids=[str(i) for i in idx])
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_h5(tmp_path_factory):
+    """Path of the digits data set, written once per session (per rank under MPI)."""
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    return write_digits_h5(tmp_path_factory.mktemp(f"digits_rank{rank}") / "digits.h5")

@@ -1,0 +1,65 @@
+"""Helpers shared by the test modules: real-data locations and collective MPI assertions."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(os.environ.get(
+    "DDMPI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_data(name):
+    """Path of a real data set under ``../shared/data``; skip the test with a reason if absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data set {path} is absent (set DDMPI_SHARED_DATA or place "
+                    f"../shared/data beside the checkout)")
+    return path
+
+
+def assert_all(comm, condition, message="assertion failed on some rank"):
+    """Collective assertion: every rank fails together if ``condition`` is false on any rank.
+
+    A plain ``assert`` failing on one rank would leave the others blocked in the next
+    collective; here all ranks learn which ranks failed and raise together.
+    """
+    failed = comm.allgather(not bool(condition))
+    bad = [rank for rank, f in enumerate(failed) if f]
+    assert not bad, f"{message} (ranks {bad})"
+
+
+def digits_arrays():
+    """scikit-learn's bundled handwritten digits (real data, no download) as (N,1,8,8) in [0,1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    return images, digits.target.astype(np.int64)
+
+
+def mpirun(n, *command):
+    """Command line and environment to launch ``command`` on ``n`` ranks with this MPI.
+
+    Skips the test when no ``mpirun`` is on PATH. Adds Open MPI's flags for running as root and
+    for more ranks than cores, which this 2-core machine needs for 4 ranks.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("mpirun") or shutil.which("mpiexec")
+    if launcher is None:
+        pytest.skip("no mpirun/mpiexec on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    flags = []
+    version = subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in version or "OpenRTE" in version:
+        flags.append("--oversubscribe")
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    for key in [k for k in env if k.startswith(("OMPI_COMM_WORLD", "PMIX_", "OMPI_MCA_orte"))]:
+        del env[key]  # a launcher inside an MPI test must not inherit the outer job's identity
+    cmd = [launcher, "-n", str(n), *flags, *[sys.executable if c == "python" else c
+                                             for c in command]]
+    return cmd, env

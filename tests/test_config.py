@@ -1,0 +1,66 @@
+"""Configuration validation: every error names the field; overrides and packaged configs."""
+
+import pytest
+
+from ddmpi.config import ConfigError, dump, from_dict, load_config
+
+
+def test_defaults_and_overrides():
+    config = load_config(None, ["data.path=x.h5", "local.epochs=3",
+                                "decomposition.grid=[2, 2, 2]", "coarse.hidden=[32, 16]"])
+    assert config.local.epochs == 3
+    assert config.decomposition.grid == [2, 2, 2]
+    assert config.coarse.hidden == [32, 16]
+    assert config.local.optimizer.name == "adam"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("local.epoch=3", "local.epoch"),
+    ("local.epochs=three", "local.epochs"),
+    ("local.epochs=0", "local.epochs"),
+    ("run.device=gpu", "run.device"),
+    ("local.model.family=alexnet", "local.model.family"),
+    ("local.model.dropout=1.5", "local.model.dropout"),
+    ("local.optimizer.lr=-1", "local.optimizer.lr"),
+    ("decomposition.grid=[2]", "decomposition.grid"),
+    ("decomposition.grid=[2, x]", "decomposition.grid[1]"),
+    ("decomposition.overlap=-1", "decomposition.overlap"),
+    ("run.threads_per_rank=many", "run.threads_per_rank"),
+    ("coarse.train_on=test", "coarse.train_on"),
+    ("local.rescaling.factor=2", "local.rescaling"),
+    ("local=3", "local"),
+])
+def test_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=f"'{field.replace('[', '.').replace(']', '.')}"):
+        load_config(None, ["data.path=x.h5", override])
+
+
+def test_missing_data_path():
+    with pytest.raises(ConfigError, match="data.path"):
+        from_dict({})
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["local.epochs"])
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("local: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listing)
+
+
+def test_packaged_quickstart_round_trips(tmp_path):
+    config = load_config("quickstart")
+    assert config.decomposition.grid == [2, 2]
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(dump(config))
+    assert load_config(saved) == config
