@@ -1,0 +1,51 @@
+"""The common path of file-per-sample converters (images, NIfTI): select, load, split, write."""
+
+import logging
+from dataclasses import asdict
+
+import numpy as np
+
+from data_prep import provenance, sources
+from data_prep.errors import PrepError
+from data_prep.output import write_dataset
+from data_prep.splits import DEFAULT_TEST_FRACTION, split, subsample
+
+log = logging.getLogger(__name__)
+
+
+def select(records, classes, split_options):
+    """``(records, classes, labels)``: labels encoded, then at most ``limit`` records kept."""
+    classes, labels = sources.encode_labels(records, classes)
+    keep = subsample(labels, split_options.limit, split_options.seed)
+    return [records[i] for i in keep], classes, labels[keep]
+
+
+def convert(out, records, classes, labels, load, *, converter, options, root, split_options,
+            name, manifest=None, libraries=()):
+    """Load every record with ``load(path) -> (array, info)``, split and write; return a summary.
+
+    All arrays must have one shape. ``info`` (a dict) goes into the record's provenance entry.
+    Groups (when the records have them) are kept on one side of every split.
+    """
+    log.info("loading %d files from %s", len(records), root)
+    images, entries = None, []
+    for i, record in enumerate(records):
+        array, info = load(record.path)
+        if images is None:
+            images = np.empty((len(records),) + array.shape, dtype=np.float32)
+        elif array.shape != images.shape[1:]:
+            raise PrepError(f"{record.path}: loaded as {array.shape}, but {records[0].path} as "
+                            f"{images.shape[1:]}; give a target size to resample all to one")
+        images[i] = array
+        entries.append(provenance.file_record(record.path, root, label=record.label, **info))
+    grouped = records[0].group is not None
+    groups = np.asarray([r.group for r in records]) if grouped else None
+    test = DEFAULT_TEST_FRACTION if split_options.test_fraction is None \
+        else split_options.test_fraction
+    parts = split(labels, split_options.val_fraction, test, split_options.seed, groups)
+    options = {**options, **asdict(split_options)}
+    extra = {"manifest": provenance.file_record(manifest, root)} if manifest else {}
+    prov = provenance.build(converter, options, entries, root=root, libraries=libraries, **extra)
+    return write_dataset(out, name=name, classes=classes, converter=converter, provenance=prov,
+                         images=images, labels=labels, parts=parts, groups=groups,
+                         ids=[r.id for r in records])
