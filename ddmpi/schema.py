@@ -51,6 +51,8 @@ def chunk_shape(n_samples, channels, spatial_shape, itemsize=4):
     tiles = tuple(min(s, max(MIN_TILE, math.ceil(s / TILE_FRACTION))) for s in spatial_shape)
     tile_bytes = channels * math.prod(tiles) * itemsize
     samples = max(1, min(n_samples, CHUNK_TARGET_BYTES // tile_bytes))
+    rows = math.ceil(n_samples / samples)
+    samples = math.ceil(n_samples / rows)  # equal chunk rows: no mostly-empty last row to read
     return (samples, channels) + tiles
 
 
