@@ -125,9 +125,11 @@ class _Resolution:
         self.build_kwargs = build_kwargs
 
     def build(self):
+        if self.rescaler is None:
+            return build_cnn(**self.build_kwargs)
         if self.low:
             return self.rescaler.build_low_resolution_model(**self.build_kwargs)
-        return build_cnn(**self.build_kwargs)
+        return self.rescaler.build_full_resolution_model(**self.build_kwargs)
 
     def transform(self, x):
         return self.rescaler.downsample(x) if self.low else x
@@ -180,7 +182,7 @@ def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, check
             "scheduler": scheduler.state_dict(), "history": [asdict(r) for r in history],
             "best": best, "epoch": epoch, "batch": batch, "partial": partial_sums,
             "rng": torch.get_rng_state(), "low_resolution": resolution.low,
-            "finished": finished, "build_kwargs": build_kwargs})
+            "finished": finished, "model_config": model.config})
 
     bs = cfg.batch_size
     for epoch in range(start_epoch, cfg.epochs):
@@ -219,10 +221,16 @@ def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, check
         if not resolution.low and (val_acc, -val_loss) > (best["accuracy"], -best["loss"]):
             best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1,
                     "state": copy.deepcopy(model.state_dict())}
-        if resolution.low and resolution.rescaler.should_switch(
-                epoch + 1, [r.val_accuracy for r in history]):
+        if resolution.low and (epoch + 1 == cfg.epochs or resolution.rescaler.should_switch(
+                epoch, [r.val_accuracy for r in history])):
+            # always end at full resolution: callers evaluate the returned model on full inputs
             model = resolution.rescaler.to_full_resolution(model).to(device)
             resolution.low = False
+            # the switch is exact (full(x) == low(A_s x)): the switched network is the first
+            # full-resolution state, with this epoch's validation figures; early stopping
+            # counts from here
+            best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1,
+                    "state": copy.deepcopy(model.state_dict())}
             optimizer = _carry_lr(make_optimizer(model.parameters(), cfg.optimizer), optimizer)
             scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.epochs - epoch - 1)
             log(f"kernel rescaling: switched to full resolution after epoch {epoch + 1}")

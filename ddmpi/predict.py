@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.images import load_image
+from data_prep.nifti import is_nifti, load_volume
 from ddmpi import combiners
 from ddmpi.checkpoint import load_checkpoint
 from ddmpi.config import load_config
@@ -25,7 +27,6 @@ from ddmpi.models import CoarseDNN, build_cnn
 from ddmpi.schema import DatasetError, open_h5, read_info
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".gif"}
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def load_inputs(inputs, dataset, split):
@@ -55,14 +56,9 @@ def load_inputs(inputs, dataset, split):
         path = Path(name)
         if not path.is_file():
             raise DatasetError(f"{path}: input file not found")
-        if path.name.endswith(NIFTI_SUFFIXES):
-            from data_prep.nifti import load_volume
-
-            images.append(load_volume(path, tuple(dataset["spatial_shape"]),
-                                      tuple(prep.get("window", (-1000, 400)))))
+        if is_nifti(path):
+            images.append(load_volume(path, tuple(dataset["spatial_shape"]), prep.get("window")))
         elif path.suffix.lower() in IMAGE_SUFFIXES:
-            from data_prep.images import load_image
-
             mode = "rgb" if dataset["channels"] == 3 else "grey"
             images.append(load_image(path, tuple(dataset["spatial_shape"]), mode))
         else:
@@ -83,7 +79,8 @@ def predict(run_dir, inputs, comm, split="test", combiner="cnn_dnn"):
                                   config.decomposition.overlap)
     images, ids = load_inputs(inputs, dataset, split)
     shape = (-1, len(dataset["mean"])) + (1,) * decomposition.ndim
-    images = (images - np.reshape(dataset["mean"], shape)) / np.reshape(dataset["std"], shape)
+    mean = np.reshape(np.asarray(dataset["mean"], np.float32), shape)
+    images = (images - mean) / np.reshape(np.asarray(dataset["std"], np.float32), shape)
     owned = assign_subdomains(decomposition.num_subdomains, comm.size)[comm.rank]
     local = {}
     for sub in owned:
@@ -91,7 +88,7 @@ def predict(run_dir, inputs, comm, split="test", combiner="cnn_dnn"):
         state = load_checkpoint(path)
         if state is None or "best_model" not in state:
             raise DatasetError(f"{path}: missing or unfinished local checkpoint")
-        model = build_cnn(**state["build_kwargs"])
+        model = build_cnn(**state["model_config"])
         model.load_state_dict(state["best_model"])
         x = torch.from_numpy(np.ascontiguousarray(decomposition.extract(images, sub)))
         local[sub] = predict_proba(model, TensorSource(x, torch.zeros(len(x))), torch.device("cpu"))

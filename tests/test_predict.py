@@ -1,0 +1,106 @@
+"""``ddmpi predict``: a trained run directory classifies HDF5 samples, image files and NIfTI
+volumes, serially and under MPI, exactly as the training run's evaluation did."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import write_digits_h5
+from helpers import mpirun, shared_data
+from mpi4py import MPI
+
+from ddmpi.config import load_config
+from ddmpi.predict import predict
+from ddmpi.schema import open_h5, read_labels
+from ddmpi.train import run_train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("predict")
+    data = write_digits_h5(base / "digits.h5")
+    config = load_config("quickstart", [f"data.path={data}", f"run.dir={base / 'run'}",
+                                        "local.epochs=3", "coarse.epochs=30",
+                                        "run.threads_per_rank=1"])
+    metrics = run_train(config, MPI.COMM_SELF)
+    return base / "run", data, metrics
+
+
+def test_hdf5_split_reproduces_training_metrics(trained):
+    run, data, metrics = trained
+    labels = read_labels(data, "test")
+    for combiner in ("cnn_dnn", "majority_vote", "average_probabilities"):
+        probs, ids = predict(run, [str(data)], MPI.COMM_SELF, "test", combiner)
+        assert probs.shape == (len(labels), 10) and len(ids) == len(labels)
+        accuracy = float((probs.argmax(1) == labels).mean())
+        assert accuracy == pytest.approx(metrics["global"][combiner]["test_accuracy"])
+
+
+def test_image_files_match_stored_samples(trained, tmp_path):
+    from PIL import Image
+
+    run, data, _ = trained
+    with open_h5(data) as f:
+        images = f["test/images"][:6]
+    files = []
+    for i, image in enumerate(images):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(path)
+        files.append(str(path))
+    from_files, ids = predict(run, files, MPI.COMM_SELF)
+    from_h5, _ = predict(run, [str(data)], MPI.COMM_SELF)
+    assert ids == files
+    np.testing.assert_allclose(from_files, from_h5[:6], atol=0.02)  # 8-bit PNG quantisation
+
+
+def test_cli_under_mpi_equals_serial(trained, tmp_path):
+    run, data, _ = trained
+    serial = tmp_path / "serial.csv"
+    subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(data),
+                    "--out", str(serial)], check=True, capture_output=True, timeout=120)
+    parallel = tmp_path / "parallel.csv"
+    cmd, env = mpirun(2, "python", "-m", "ddmpi", "predict", str(run), str(data),
+                      "--out", str(parallel))
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    rows = list(csv.reader(serial.open()))
+    assert rows[0][:2] == ["id", "prediction"] and len(rows) == 1 + len(read_labels(data, "test"))
+    assert parallel.read_text() == serial.read_text()
+
+
+def test_errors_name_the_input(trained, tmp_path):
+    run, _, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run),
+                           str(tmp_path / "missing.png")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "missing.png: input file not found" in proc.stderr
+    odd = tmp_path / "notes.txt"
+    odd.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(odd)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "notes.txt: unsupported input type" in proc.stderr
+
+
+def test_nifti_volumes_of_a_3d_run(tmp_path):
+    lidc = shared_data("lidc-nodules")
+    data = tmp_path / "lidc.h5"
+    subprocess.run([sys.executable, "-m", "data_prep", "nifti", "--manifest",
+                    str(lidc / "labels.csv"), "--group-column", "patient", "--limit", "120",
+                    "--shape", "12", "12", "6", "--window", "-1000", "400", "--out", str(data),
+                    "--quiet"], check=True, capture_output=True, timeout=120)
+    config = load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
+                                "decomposition.grid=[2, 2, 2]", "decomposition.overlap=1",
+                                "local.epochs=1", "local.model.width=4", "coarse.epochs=5",
+                                "run.threads_per_rank=1"])
+    run_train(config, MPI.COMM_SELF)
+    with open_h5(data) as f:
+        ids = list(f["test/ids"].asstr()[:3])
+    files = [str(lidc / "image" / name) if not name.startswith("image/")
+             else str(lidc / name) for name in (i.split(":")[-1] for i in ids)]
+    from_files, _ = predict(tmp_path / "run", files, MPI.COMM_SELF)
+    from_h5, _ = predict(tmp_path / "run", [str(data)], MPI.COMM_SELF)
+    np.testing.assert_allclose(from_files, from_h5[:3], atol=1e-4)
+    assert json.loads((tmp_path / "run" / "dataset.json").read_text())["preprocessing"][
+        "window"] == [-1000, 400]

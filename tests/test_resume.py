@@ -1,0 +1,113 @@
+"""Checkpoint/restart: a 2-rank run killed with SIGKILL mid local training, then resumed,
+ends with the same metrics as an uninterrupted run; a rank killed by a signal ends the job."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import write_digits_h5
+from helpers import mpirun
+
+ARGS = ["train", "--config", "quickstart", "--set", "local.epochs=12",
+        "--set", "run.threads_per_rank=1", "--set", "coarse.epochs=50"]
+
+
+def _train(data, run_dir, *extra):
+    cmd, env = mpirun(2, "python", "-m", "ddmpi", *ARGS, "--set", f"data.path={data}",
+                      "--run-dir", str(run_dir), *extra)
+    return cmd, env
+
+
+def _epochs_done(checkpoint):
+    try:
+        return torch.load(checkpoint, weights_only=False)["epoch"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+def _kill_session(sid):
+    """SIGKILL every process of session ``sid`` (Open MPI puts each rank in its own group)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _comparable(metrics):
+    """Everything but wall times and paths."""
+    local = {s: {k: v for k, v in m.items() if k != "history"}
+             for s, m in metrics["local"].items()}
+    return metrics["global"], local, metrics["parameters"]
+
+
+@pytest.mark.timeout(400)
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    data = write_digits_h5(tmp_path / "digits.h5")
+    cmd, env = _train(data, tmp_path / "reference")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    cmd, env = _train(data, run)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 200
+    while _epochs_done(run / "checkpoints" / "local_000.pt") < 3:
+        assert proc.poll() is None, "run finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    _kill_session(proc.pid)  # launcher and every rank at once, as a node failure would
+    proc.wait(timeout=30)
+    assert not (run / "metrics.json").exists()
+    killed_at = _epochs_done(run / "checkpoints" / "local_000.pt")
+    assert 3 <= killed_at < 12
+
+    cmd, env = mpirun(2, "python", "-m", "ddmpi", "train", "--resume", str(run))
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at epoch {killed_at + 1}" in (run / "logs" / "rank_00000.log").read_text()
+    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    final = json.loads((run / "metrics.json").read_text())
+    assert _comparable(final) == _comparable(reference)
+
+
+@pytest.mark.timeout(120)
+def test_rank_killed_by_signal_ends_the_job(tmp_path):
+    data = write_digits_h5(tmp_path / "digits.h5")
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from mpi4py import MPI\n"
+        "import ddmpi.train\n"
+        "original = ddmpi.train._train_subdomain\n"
+        "def die(*a, **k):\n"
+        "    if MPI.COMM_WORLD.rank == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return original(*a, **k)\n"
+        "ddmpi.train._train_subdomain = die\n"
+        "from ddmpi.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    cmd, env = mpirun(4, "python", str(script), "train", "--config", "quickstart",
+                      "--set", f"data.path={data}", "--set", "local.epochs=40",
+                      "--run-dir", str(tmp_path / "run"))
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.timeout(200)
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    data = write_digits_h5(tmp_path / "digits.h5")
+    cmd, env = _train(data, tmp_path / "run", "--set", "local.epochs=1")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=150)
+    cmd, env = _train(data, tmp_path / "run", "--set", "local.epochs=2", "--resume")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "config field 'local.epochs'" in proc.stderr
