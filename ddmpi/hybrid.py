@@ -272,3 +272,64 @@ def train_data_parallel(model, inputs, labels, groups: HybridGroups, *, epochs=1
             f"loss {history['train_loss'][-1]:.4f} acc {history['train_acc'][-1]:.4f} "
             f"val acc {va:.4f}")
     return history
+
+
+class GroupDataParallel:
+    """Data parallelism of one model over ``group_comm``, as :func:`ddmpi.local_training.train_local`
+    uses it (``parallel=``): each replica trains on its shard of every epoch's sample order with
+    ``ceil(batch_size / group size)`` samples per step, gradients and BatchNorm buffers averaged
+    over the group (mpi4py ``Allreduce``, or ``torch_group`` all-reduce), so the replicas stay
+    identical and the global batch stays the configured one. Group rank 0 writes checkpoints.
+
+    With ``ddp=True`` the model is wrapped in ``torch.nn.parallel.DistributedDataParallel`` over
+    ``torch_group`` instead (gradient all-reduce overlapped with backward): the global
+    data-parallel baseline's way.
+    """
+
+    def __init__(self, group_comm, torch_group=None, ddp=False):
+        if ddp and torch_group is None:
+            raise ValueError("ddp=True needs a torch.distributed group (torch_group=)")
+        self.comm = group_comm
+        self.torch_group = torch_group
+        self.ddp = ddp
+        self.rank, self.size = group_comm.Get_rank(), group_comm.Get_size()
+
+    @property
+    def writes_checkpoints(self):
+        return self.rank == 0
+
+    def local_batch_size(self, batch_size):
+        return max(1, math.ceil(batch_size / self.size))
+
+    def shard(self, order):
+        """This replica's part of ``order`` (a permutation tensor), padded by wrapping around."""
+        per = math.ceil(len(order) / self.size)
+        if per * self.size > len(order):
+            order = order.repeat(2)[:per * self.size]
+        return order[self.rank::self.size]
+
+    def wrap(self, model):
+        if not self.ddp:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, process_group=self.torch_group)
+
+    def after_backward(self, model):
+        if not self.ddp:
+            average_gradients(model, self.comm, self.torch_group)
+
+    def after_step(self, model):
+        # DDP only broadcasts rank 0's buffers before each forward; averaging them after each
+        # step keeps every replica's BatchNorm statistics (and so its evaluation) identical.
+        average_buffers(model, self.comm, self.torch_group)
+
+    def sum(self, values):
+        """Collective: element-wise sum of a list of numbers over the group."""
+        from mpi4py import MPI
+
+        return self.comm.allreduce(np.asarray(values, dtype=np.float64), op=MPI.SUM).tolist()
+
+    def any_stop(self, requested):
+        """Collective: stop when any replica was asked to, so all stop at the same batch."""
+        from mpi4py import MPI
+
+        return bool(self.comm.allreduce(int(bool(requested)), op=MPI.MAX))

@@ -140,13 +140,15 @@ class _Resolution:
 
 
 def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, checkpoint_path=None,
-                resume=False, on_epoch=None, should_stop=None, log=print):
+                resume=False, on_epoch=None, should_stop=None, log=print, parallel=None):
     """Train one CNN; return ``(model with the best state, history, best_epoch)``.
 
     ``build_kwargs`` go to :func:`ddmpi.models.build_cnn`; ``train``/``val`` provide
     ``take(indices)`` and ``len``; ``cfg`` is a :class:`~ddmpi.config.LocalConfig`.
     ``on_epoch(record)`` is called after every epoch; ``should_stop()`` is polled after every
     batch and, when true, a mid-epoch checkpoint is written and :class:`Preempted` raised.
+    ``parallel`` (e.g. :class:`ddmpi.hybrid.GroupDataParallel`) trains the model data-parallel
+    over a group of ranks: every member calls this with the same arguments.
     """
     torch.manual_seed(seed)
     resolution = _Resolution(cfg.rescaling, build_kwargs)
@@ -175,7 +177,7 @@ def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, check
             start_epoch = cfg.epochs
 
     def save(epoch, batch, partial_sums, finished=False):
-        if checkpoint_path is None:
+        if checkpoint_path is None or (parallel is not None and not parallel.writes_checkpoints):
             return
         save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -184,12 +186,15 @@ def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, check
             "rng": torch.get_rng_state(), "low_resolution": resolution.low,
             "finished": finished, "model_config": model.config})
 
-    bs = cfg.batch_size
+    bs = cfg.batch_size if parallel is None else parallel.local_batch_size(cfg.batch_size)
+    net = model if parallel is None else parallel.wrap(model)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         sums = partial or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         order = epoch_order(len(train), seed, epoch)
+        if parallel is not None:
+            order = parallel.shard(order)
         for b, start in enumerate(range(0, len(order), bs)):
             if b < skip_batches:
                 continue
@@ -197,20 +202,30 @@ def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, check
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = resolution.transform(x)
             with autocast(device, amp):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if parallel is not None:
+                parallel.after_backward(model)
             optimizer.step()
+            if parallel is not None:
+                parallel.after_step(model)
             sums["loss"] += loss.item() * len(y)
             sums["correct"] += int((logits.argmax(1) == y).sum())
             sums["seen"] += len(y)
-            if should_stop is not None and should_stop():
+            stop = should_stop is not None and should_stop()
+            if parallel is not None:
+                stop = parallel.any_stop(stop)
+            if stop:
                 sums["seconds"] += time.perf_counter() - t0
                 save(epoch, b + 1, sums)
                 raise Preempted(f"stopped at epoch {epoch + 1}, batch {b + 1}; checkpoint "
                                 f"{checkpoint_path}")
         skip_batches, partial = 0, None
+        if parallel is not None:  # the epoch's training figures over all replicas' shards
+            sums["loss"], sums["correct"], sums["seen"] = parallel.sum(
+                [sums["loss"], sums["correct"], sums["seen"]])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_loss, val_acc = evaluate(model, val, device, amp=amp, transform=resolution.transform)
@@ -225,6 +240,7 @@ def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, check
                 epoch, [r.val_accuracy for r in history])):
             # always end at full resolution: callers evaluate the returned model on full inputs
             model = resolution.rescaler.to_full_resolution(model).to(device)
+            net = model if parallel is None else parallel.wrap(model)
             resolution.low = False
             # the switch is exact (full(x) == low(A_s x)): the switched network is the first
             # full-resolution state, with this epoch's validation figures; early stopping

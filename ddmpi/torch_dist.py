@@ -76,15 +76,6 @@ def _non_loopback_address(hostname):
         addr = info[4][0]
         if not addr.startswith("127."):
             return addr
-    # The address the kernel would route outwards from (UDP connect sends no packet).
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("10.255.255.255", 1))
-            addr = probe.getsockname()[0]
-            if not addr.startswith("127.") and addr != "0.0.0.0":
-                return addr
-    except OSError:
-        pass
     return None
 
 

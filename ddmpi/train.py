@@ -26,7 +26,8 @@ from ddmpi.config import ConfigError, dump, load_config, to_dict
 from ddmpi.decomposition import Decomposition
 from ddmpi.gather import gather_decisions
 from ddmpi.local_training import Preempted, TensorSource, predict_proba, train_local
-from ddmpi.mapping import assign_subdomains
+from ddmpi.hybrid import GroupDataParallel, HybridError, form_groups
+from ddmpi.mapping import MappingError, assign_subdomains
 from ddmpi.models import count_parameters
 from ddmpi.progress import Progress
 from ddmpi.reader import load_subdomain
@@ -126,30 +127,36 @@ def run_train(config, comm, resume=False):
             if split not in info.splits:
                 raise ConfigError(f"config field 'data.path': {info.path} has no {split!r} "
                                   f"split (it has {list(info.splits)})")
-        owned = assign_subdomains(decomposition.num_subdomains, size)[rank]
+        owned, parallel, decision_comm = _layout(comm, decomposition.num_subdomains)
         binding = cluster.bind_process(comm, config.run.device, config.run.threads_per_rank)
         device = binding.device
         amp = config.run.amp is True or (config.run.amp == "auto" and device.type == "cuda")
         log.info(f"{binding}{' amp=bf16' if amp else ''}")
         if rank == 0:
             write_text(run_dir / "dataset.json", json.dumps(dataset_record(info), indent=2))
-        log.info(f"{decomposition}; rank {rank} owns subdomains {owned}")
+        log.info(f"{decomposition}; rank {rank} owns subdomains {owned}" + (
+            f" (data-parallel replica {parallel.rank} of {parallel.size})" if parallel else ""))
         preemption.install()
 
     progress = Progress(comm, decomposition.num_subdomains * config.local.epochs,
                         printer=log.info)
     local_info = {}
     for sub in owned:
-        local_info[sub] = _train_subdomain(config, info, decomposition, sub, rank, device, amp,
-                                           resume, run_dir, timer, progress, log)
+        summary = _train_subdomain(config, info, decomposition, sub, rank, device, amp,
+                                   resume, run_dir, timer, progress, log, parallel)
+        if summary is not None:  # None: a data-parallel replica other than the group leader
+            local_info[sub] = summary
     progress.rank_done(sum(config.local.epochs - len(v["history"]) for v in local_info.values()))
     progress.wait_all()
 
     with timer("gather"):
         gathered = {}
         for split in SPLITS:
+            if decision_comm is None:
+                continue  # a data-parallel replica: its group leader sends the decisions
             local = {sub: _load_decisions(run_dir, sub)[split] for sub in owned}
-            gathered[split] = gather_decisions(comm, local, decomposition.num_subdomains,
+            gathered[split] = gather_decisions(decision_comm, local,
+                                               decomposition.num_subdomains,
                                                chunk_bytes=config.run.gather_chunk_mb << 20)
         all_local = comm.gather(local_info, root=0)
     timings = comm.gather(timer.seconds, root=0)  # rank 0 replaces its own entry at the end
@@ -195,8 +202,25 @@ def _load_decisions(run_dir, sub):
         return {split: data[split] for split in SPLITS}
 
 
+def _layout(comm, num_subdomains):
+    """``(owned subdomains, data-parallel group or None, communicator of the decisions)``.
+
+    P <= S ranks: the balanced blocks of :func:`assign_subdomains`, decisions gathered over
+    ``comm``. P = k*S > S: hybrid parallelism, one group of k ranks per subdomain training its
+    local CNN data-parallel; the group leaders' communicator carries the decisions (None on the
+    other replicas).
+    """
+    if comm.size <= num_subdomains:
+        return assign_subdomains(num_subdomains, comm.size)[comm.rank], None, comm
+    try:
+        groups = form_groups(comm, num_subdomains)
+    except HybridError as err:
+        raise MappingError(str(err)) from err
+    return [groups.subdomain], GroupDataParallel(groups.group_comm), groups.leader_comm
+
+
 def _train_subdomain(config, info, decomposition, sub, rank, device, amp, resume, run_dir,
-                     timer, progress, log):
+                     timer, progress, log, parallel=None):
     """Train (or resume) the local CNN of subdomain ``sub``; write its decisions; return info."""
     shape = decomposition.subdomain_shape(sub)
     build_kwargs = dict(family=config.local.model.family, spatial_dims=info.spatial_dims,
@@ -206,9 +230,10 @@ def _train_subdomain(config, info, decomposition, sub, rank, device, amp, resume
                         batchnorm=config.local.model.batchnorm)
     ckpt_path = _checkpoint_path(run_dir, sub)
     done = load_checkpoint(ckpt_path) if resume and _decisions_path(run_dir, sub).exists() else None
+    leader = parallel is None or parallel.writes_checkpoints
     if done is not None and "best_model" in done:
         log.info(f"subdomain {sub}: finished in an earlier run, skipping")
-        return done["summary"]
+        return done["summary"] if leader else None
 
     with timer("load_data"):
         data = {split: load_subdomain(info.path, split, decomposition, sub) for split in SPLITS}
@@ -217,13 +242,17 @@ def _train_subdomain(config, info, decomposition, sub, rank, device, amp, resume
                    for split, (x, y) in data.items()}
     log.info(f"subdomain {sub}: slices {decomposition.slices(sub)}, input {shape}, "
              f"{len(sources['train'])} train samples")
+    def on_epoch(record):
+        log.debug(f"subdomain {sub}: {asdict(record)}")
+        if leader:
+            progress.epoch_done(sub, record)
+
     with timer("local_training"):
         model, history, best_epoch = train_local(
             build_kwargs, sources["train"], sources["val"], config.local, device=device,
             seed=config.run.seed + sub, amp=amp, checkpoint_path=ckpt_path, resume=resume,
-            on_epoch=lambda record: (log.debug(f"subdomain {sub}: {asdict(record)}"),
-                                     progress.epoch_done(sub, record)),
-            should_stop=preemption.requested, log=log.info)
+            on_epoch=on_epoch, should_stop=preemption.requested, log=log.info,
+            parallel=parallel)
     with timer("local_inference"):
         decisions = {split: predict_proba(model, sources[split], device, amp=amp)
                      for split in SPLITS}
@@ -234,6 +263,8 @@ def _train_subdomain(config, info, decomposition, sub, rank, device, amp, resume
                "input_shape": list(shape), "parameters": count_parameters(model),
                "best_epoch": best_epoch, "history": [asdict(r) for r in history],
                "accuracy": accuracies, "device": str(device)}
+    if not leader:
+        return None
     with atomic_path(_decisions_path(run_dir, sub)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **decisions)
