@@ -111,3 +111,47 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "config field 'local.epochs'" in proc.stderr
+
+
+def _ranks_of_session(sid):
+    """PIDs of the ddmpi ranks (not the launcher) in session ``sid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+                if os.getsid(int(entry)) == sid and b"ddmpi" in cmdline and b"prte" not in cmdline:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                pass
+    return pids
+
+
+@pytest.mark.timeout(400)
+def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_metrics(tmp_path):
+    """Slurm's warning signal (what srun forwards to every task) mid local training."""
+    data = write_digits_h5(tmp_path / "digits.h5")
+    cmd, env = _train(data, tmp_path / "reference")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+
+    run = tmp_path / "preempted"
+    cmd, env = _train(data, run, "--resume")  # as the batch script launches it, every time
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while _epochs_done(run / "checkpoints" / "local_000.pt") < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    for pid in _ranks_of_session(proc.pid):
+        os.kill(pid, signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "exiting with 75 for requeue" in output
+    assert not (run / "metrics.json").exists()
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at epoch" in (run / "logs" / "rank_00000.log").read_text()
+    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    final = json.loads((run / "metrics.json").read_text())
+    assert _comparable(final) == _comparable(reference)
