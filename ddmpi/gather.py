@@ -4,7 +4,8 @@ Ownership: ``comm`` is the communicator whose ranks own the subdomains (``COMM_W
 decomposed run, the group leaders in a hybrid one); every rank of it must call
 :func:`gather_decisions` with the same sample count and class count. Only rank 0 of ``comm``
 receives the result. Decisions travel as raw float32 buffers, never as pickled objects; a split
-with many samples is sent in chunks of samples so that no message exceeds ``chunk_bytes``.
+with many samples is sent in chunks of samples so that rank 0's receive buffer (reused from
+chunk to chunk) never exceeds ``chunk_bytes``.
 """
 
 import numpy as np
@@ -33,14 +34,19 @@ def gather_decisions(comm, local, num_subdomains, chunk_bytes=64 << 20):
     sendbuf = (np.stack([np.asarray(local[s], dtype=np.float32) for s in owned])
                if owned else np.empty((0, n, k), np.float32))
     counts = [len(subs) for subs, _ in meta]
-    rows_per_chunk = max(1, chunk_bytes // (4 * k * max(counts)))  # same on every rank
-    result = np.empty((num_subdomains, n, k), np.float32) if comm.rank == 0 else None
+    # Rank 0 receives S * rows * K floats per chunk: that, not each sender's part, is bounded.
+    rows_per_chunk = max(1, min(n, chunk_bytes // (4 * k * num_subdomains)))
+    result, recv_buffer = None, None
+    if comm.rank == 0:
+        result = np.empty((num_subdomains, n, k), np.float32)
+        recv_buffer = np.empty(num_subdomains * rows_per_chunk * k, np.float32)  # reused
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
         chunk = np.ascontiguousarray(sendbuf[:, start:stop])
         recv = None
         if comm.rank == 0:
-            recv_chunk = np.empty((num_subdomains, stop - start, k), np.float32)
+            recv_chunk = recv_buffer[:num_subdomains * (stop - start) * k].reshape(
+                num_subdomains, stop - start, k)
             sizes = [c * (stop - start) * k for c in counts]
             recv = [recv_chunk, sizes, np.cumsum([0] + sizes[:-1]).tolist(), MPI.FLOAT]
         comm.Gatherv([chunk, MPI.FLOAT], recv, root=0)

@@ -137,6 +137,7 @@ def run_train(config, comm, resume=False):
         log.info(f"{decomposition}; rank {rank} owns subdomains {owned}" + (
             f" (data-parallel replica {parallel.rank} of {parallel.size})" if parallel else ""))
         preemption.install()
+        import torch._dynamo  # noqa: F401  (torch.optim's first step imports it: ~2 s start-up)
 
     progress = Progress(comm, decomposition.num_subdomains * config.local.epochs,
                         printer=log.info)
@@ -151,7 +152,7 @@ def run_train(config, comm, resume=False):
 
     with timer("gather"):
         gathered = {}
-        for split in SPLITS:
+        for split in _splits_for_coarse(config):
             if decision_comm is None:
                 continue  # a data-parallel replica: its group leader sends the decisions
             local = {sub: _load_decisions(run_dir, sub)[split] for sub in owned}
@@ -164,7 +165,7 @@ def run_train(config, comm, resume=False):
     if rank != 0:
         return None
     with timer("coarse"):
-        labels = {split: read_labels(info.path, split) for split in SPLITS}
+        labels = {split: read_labels(info.path, split) for split in gathered}
         results = _combine(config, gathered, labels, info, device, run_dir)
     with timer("report"):
         local_all = {sub: v for part in all_local for sub, v in part.items()}
@@ -200,6 +201,12 @@ def _decisions_path(run_dir, sub):
 def _load_decisions(run_dir, sub):
     with np.load(_decisions_path(run_dir, sub)) as data:
         return {split: data[split] for split in SPLITS}
+
+
+def _splits_for_coarse(config):
+    """The splits whose decisions rank 0 needs: the coarse DNN's training data, val, test."""
+    return [split for split in SPLITS
+            if split != "train" or "train" in config.coarse.train_on.split("+")]
 
 
 def _layout(comm, num_subdomains):
