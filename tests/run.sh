@@ -8,7 +8,11 @@
 # adding --oversubscribe when Open MPI is the launcher and the machine has fewer cores than
 # ranks, and OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1 when run as root. Extra arguments go to every
 # pytest run (e.g. -x, -k name). An MPI run that collects no test fails (pytest exit 5): the
-# MPI suite must never be silently empty. Exits non-zero if any part fails and prints a
+# MPI suite must never be silently empty. In the MPI parts pytest-timeout uses its "thread"
+# method (-o timeout_method=thread): a test hanging past the per-test timeout (setup.cfg) dumps
+# every thread's stack and ends its rank, so mpirun stops the whole run instead of the other
+# ranks waiting forever in a collective. Output is unbuffered (PYTHONUNBUFFERED=1) so that
+# what a killed run printed is not lost. Exits non-zero if any part fails and prints a
 # one-line summary at the end.
 #
 # Environment:
@@ -27,14 +31,17 @@ SIZES=${DDMPI_MPI_SIZES:-2 4}
 PARTS=${DDMPI_TEST_PARTS:-serial mpi}
 SERIAL_TIMEOUT=${DDMPI_SERIAL_TIMEOUT:-1800}
 MPI_TIMEOUT=${DDMPI_MPI_TIMEOUT:-1200}
+# Cores this process may use (GNU nproc would also obey OMP_NUM_THREADS: unset it here).
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null \
+        || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     echo "run.sh: $PYTHON not found (activate the venv: . .venv/bin/activate)" >&2
     exit 2
 fi
 
-cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 openmpi=0
 if "$MPIEXEC" --version 2>&1 | grep -qiE 'open mpi|openrte|prrte|prterun'; then
     openmpi=1
@@ -78,10 +85,10 @@ if [[ " $PARTS " == *" mpi "* ]]; then
             flags+=(--oversubscribe)
         fi
         echo "=== run.sh: MPI suite on $n ranks: $MPIEXEC -n $n ${flags[*]-} $PYTHON -m pytest" \
-             "--with-mpi -m mpi $*"
+             "--with-mpi -m mpi -o timeout_method=thread $*"
         timeout --kill-after=30 "$MPI_TIMEOUT" \
             "$MPIEXEC" -n "$n" ${flags[@]+"${flags[@]}"} \
-            "$PYTHON" -m pytest --with-mpi -m mpi "$@"
+            "$PYTHON" -m pytest --with-mpi -m mpi -o timeout_method=thread "$@"
         rc=$?
         record "mpi-$n" "$rc" "$(note_for "$rc")"
     done
@@ -89,7 +96,7 @@ fi
 
 status=PASSED
 [ "$failed" = 0 ] || status=FAILED
-printf '=== run.sh: %s: ' "$status"
+printf '\n=== run.sh: %s: ' "$status"
 (IFS=';'; printf '%s' "${summary[*]}" | sed 's/;/; /g')
 printf '\n'
 exit "$failed"

@@ -40,8 +40,9 @@ def _random_splits(rng, sizes, sample_shape, classes=10):
 
 @pytest.fixture(scope="module")
 def images28(tmp_path_factory):
-    """A 2-channel 28x28 set with small chunks (32 samples each), so that block reads span
-    several chunks and the sample counts are not multiples of the chunk or the block."""
+    """A 2-channel 28x28 set with small chunks (about 32 samples each, in equal chunk rows),
+    so that block reads span several chunks and the val/test sample counts are not multiples
+    of the chunk or the block."""
     rng = np.random.default_rng(1)
     splits = _random_splits(rng, {"train": 300, "val": 45, "test": 33}, (2, 28, 28))
     path = tmp_path_factory.mktemp("reader") / "img28.h5"
@@ -49,7 +50,7 @@ def images28(tmp_path_factory):
         mp.setattr(schema, "CHUNK_TARGET_BYTES", 4096)
         _write(path, splits)
     with h5py.File(path, "r") as f:
-        assert f["train/images"].chunks == (32, 2, 4, 4)
+        assert f["train/images"].chunks == (30, 2, 4, 4)  # 300 samples in 10 equal rows
     return path, splits
 
 

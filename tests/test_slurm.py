@@ -398,3 +398,57 @@ def test_real_ddmpi_preempted_requeued_and_resumed(job):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert (run_dir / "metrics.json").is_file()
     assert job.scontrol_calls() == ["requeue 4242"]                  # no second requeue
+
+
+# --------------------------------------------------------------------------- tests/run.sh
+RUN_SH = ROOT / "tests" / "run.sh"
+
+
+def fake_tools(tmp_path, rc_serial=0, rc_mpi=0):
+    """A fake python (records its argv, exits 0 or the given code) and a fake Open MPI
+    mpirun (records its argv, runs the command after its options)."""
+    log = tmp_path / "calls.log"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/bash
+echo "python $*" >>{log}
+case " $* " in *" --with-mpi "*) exit {rc_mpi} ;; *) exit {rc_serial} ;; esac
+""")
+    mpirun = tmp_path / "mpirun"
+    mpirun.write_text(f"""#!/bin/bash
+if [ "$1" = --version ]; then echo "mpirun (Open MPI) 5.0.0"; exit 0; fi
+echo "mpirun $*" >>{log}
+shift 2; [ "$1" = --oversubscribe ] && shift
+exec "$@"
+""")
+    python.chmod(0o755)
+    mpirun.chmod(0o755)
+    return python, mpirun, log
+
+
+def run_sh(tmp_path, python, mpirun, sizes="1 64", *args):
+    env = {**os.environ, "PYTHON": str(python), "MPIEXEC": str(mpirun),
+           "DDMPI_MPI_SIZES": sizes}
+    return subprocess.run(["bash", str(RUN_SH), *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_run_sh_runs_every_part_and_summarises(tmp_path):
+    python, mpirun, log = fake_tools(tmp_path)
+    result = run_sh(tmp_path, python, mpirun, "1 64", "-x")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().splitlines()[-1] == \
+        "=== run.sh: PASSED: serial ok; mpi-1 ok; mpi-64 ok"
+    calls = log.read_text().splitlines()
+    assert calls[0] == "python -m pytest -m not mpi -x"
+    # --oversubscribe only where there are fewer cores than ranks (no machine here has 64).
+    assert f"mpirun -n 1 {python} -m pytest --with-mpi -m mpi" in calls[1]
+    assert calls[1].endswith("-o timeout_method=thread -x")
+    assert f"mpirun -n 64 --oversubscribe {python} -m pytest --with-mpi -m mpi" in calls[3]
+
+
+def test_run_sh_fails_when_a_part_fails_or_collects_nothing(tmp_path):
+    python, mpirun, _ = fake_tools(tmp_path, rc_serial=1, rc_mpi=5)
+    result = run_sh(tmp_path, python, mpirun, "2")
+    assert result.returncode == 1
+    assert result.stdout.rstrip().splitlines()[-1] == (
+        "=== run.sh: FAILED: serial FAILED (exit 1); mpi-2 FAILED (exit 5, no tests collected)")
