@@ -222,7 +222,7 @@ def main(argv=None):
 
     comm = MPI.COMM_WORLD
     rank, p = comm.rank, comm.size
-    import h5py  # noqa: F401  (imported before any timing)
+    import h5py  # imported before any timing
 
     probe = MemoryProbe() if rank == 0 else None
     tmpdir = tempfile.mkdtemp(prefix="bench_gather_", dir=args.tmp) if rank == 0 else None
@@ -272,7 +272,6 @@ def main(argv=None):
                                                            2, 1)))
                         model, recv = model_bytes(s, n, k, p, mb * MiB)
                     else:
-                        import h5py
                         with h5py.File(result, "r") as f:
                             d = f["decisions"]
                             ok = d.shape == (n, s * k) and np.array_equal(

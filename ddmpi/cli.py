@@ -1,4 +1,4 @@
-"""Command line: ``ddmpi train | predict`` (also ``python -m ddmpi ...``), MPI-safe.
+"""Command line: ``ddmpi train | predict | compare`` (also ``python -m ddmpi ...``), MPI-safe.
 
 Every subcommand runs under :func:`ddmpi.mpi_abort.run_or_abort`: an exception on any rank
 prints that rank's message and aborts the whole job with a non-zero exit instead of leaving the
@@ -53,6 +53,22 @@ def build_parser():
     predict.add_argument("--combiner", default="cnn_dnn",
                          choices=("cnn_dnn", "majority_vote", "average_probabilities"))
     predict.add_argument("--out", help="write predictions as CSV (default: print)")
+
+    compare = sub.add_parser(
+        "compare", help="run parallel strategies side by side (mpirun -n P ddmpi compare "
+        "--config run.yaml)",
+        description="Train, in one MPI job on one data set, the global CNN data-parallel "
+        "(torch DDP), the decomposed CNN-DNN (with majority vote and averaged probabilities), "
+        "the coherent CNN-DNN from scratch and by transfer learning from that CNN-DNN; write "
+        "comparison.json, comparison.md and comparison.png to the run directory.")
+    compare.add_argument("--config", required=True, help="YAML run configuration (its "
+                         "'compare' section sets the strategies, see ddmpi/config.py)")
+    compare.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override a config field, e.g. --set compare.coherent_epochs=4")
+    compare.add_argument("--run-dir", help="run directory (overrides run.dir)")
+    compare.add_argument("--strategies", metavar="LIST",
+                         help="comma-separated subset of global_ddp,cnn_dnn,coherent,"
+                         "coherent_transfer (overrides compare.strategies)")
     return parser
 
 
@@ -64,6 +80,8 @@ def main(argv=None):
 
     if args.command == "train":
         from ddmpi.train import main as command
+    elif args.command == "compare":
+        from ddmpi.compare import main as command
     else:
         from ddmpi.predict import main as command
     run_or_abort(command, args, MPI.COMM_WORLD, user_error_types=_user_errors())

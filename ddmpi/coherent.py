@@ -66,6 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddmpi.config import OptimizerConfig
+from ddmpi.local_training import make_optimizer
+
 OUTPUTS = ("probabilities", "logits")
 
 
@@ -388,18 +391,6 @@ def evaluate_coherent(model: CoherentCNNDNN, inputs, labels, batch_size=256, dev
     return loss, acc
 
 
-def make_optimizer(param_groups, name="adam", lr=1e-3, weight_decay=0.0, momentum=0.9):
-    """Adam, AdamW or SGD (with momentum) over ``param_groups``."""
-    name = name.lower()
-    if name == "adam":
-        return torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise CoherentError(f"optimizer must be adam, adamw or sgd, got {name!r}")
-
-
 def batch_order(num_samples, seed, epoch):
     """The shared permutation of epoch ``epoch``: the same on every rank."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
@@ -416,7 +407,8 @@ def train_coherent(local_models: Dict[int, nn.Module], coarse: nn.Module,
                    local_states: Optional[Mapping[int, dict]] = None,
                    coarse_state: Optional[dict] = None, coarse_grad_sync: bool = False,
                    coarse_tol: float = 1e-6, eval_batch_size: int = 256,
-                   log: Optional[Callable[[str], None]] = None):
+                   log: Optional[Callable[[str], None]] = None,
+                   scheduler: Optional[Callable] = None):
     """Train the coherent CNN-DNN end to end; collective over ``comm`` (None: one process).
 
     ``local_models``/``train_inputs``: {subdomain: CNN} and {subdomain: (N, C, *sub_shape)}
@@ -427,7 +419,9 @@ def train_coherent(local_models: Dict[int, nn.Module], coarse: nn.Module,
     learning rate for the local CNNs (e.g. smaller, to fine-tune them). ``coarse_grad_sync``
     averages the coarse gradients over ``comm`` every step (only needed where identical inputs
     can give different results, e.g. non-deterministic GPU kernels); the replicas are compared
-    at the end of every epoch and a difference above ``coarse_tol`` raises.
+    at the end of every epoch and a difference above ``coarse_tol`` raises. ``scheduler``: a
+    function of the optimizer returning a torch learning-rate scheduler, stepped after every
+    epoch (e.g. ``lambda opt: CosineAnnealingLR(opt, epochs)``; None: constant rates).
 
     Modules are trained in place. Returns the history (the same on every rank but for the
     timings): lists
@@ -453,7 +447,10 @@ def train_coherent(local_models: Dict[int, nn.Module], coarse: nn.Module,
     local_params = list(model.local.parameters())
     if local_params:
         groups.append({"params": local_params, "lr": lr if local_lr is None else local_lr})
-    opt = make_optimizer(groups, optimizer, lr, weight_decay, momentum)
+    if optimizer not in ("adam", "adamw", "sgd"):
+        raise CoherentError(f"optimizer must be adam, adamw or sgd, got {optimizer!r}")
+    opt = make_optimizer(groups, OptimizerConfig(optimizer, lr, weight_decay, momentum))
+    sched = scheduler(opt) if scheduler is not None else None
 
     history = {k: [] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc",
                                "coarse_replica_diff", "seconds")}
@@ -477,6 +474,8 @@ def train_coherent(local_models: Dict[int, nn.Module], coarse: nn.Module,
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
+        if sched is not None:
+            sched.step()
         history["epoch"].append(epoch + 1)
         history["train_loss"].append(loss_sum / max(seen, 1))
         history["train_acc"].append(correct / max(seen, 1))

@@ -91,3 +91,11 @@ def per_class_accuracy(matrix):
     """Recall of every class from a confusion matrix (NaN for a class with no samples)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.diag(matrix) / matrix.sum(1)
+
+
+def class_results(predictions, labels, classes):
+    """Test accuracy, per-class accuracy and confusion matrix of predicted class indices."""
+    matrix = confusion_matrix(predictions, labels, len(classes))
+    return {"test_accuracy": accuracy(predictions, labels),
+            "per_class_accuracy": dict(zip(classes, per_class_accuracy(matrix))),
+            "confusion_matrix": matrix}

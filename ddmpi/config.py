@@ -96,6 +96,27 @@ class RunConfig:
     log_every: int = 0                  # batches between progress lines (0: per epoch)
 
 
+COMPARE_STRATEGIES = ("global_ddp", "cnn_dnn", "coherent", "coherent_transfer")
+
+
+@dataclass
+class CompareConfig:
+    """``ddmpi compare`` only (ddmpi/compare.py): the strategies run side by side."""
+    strategies: List[str] = field(default_factory=lambda: list(COMPARE_STRATEGIES))
+    global_width: Optional[int] = None  # width of the global CNN; None: from the factor below
+    # global width = round(local.model.width * factor); auto = sqrt(subdomains), so the global
+    # CNN has about as many parameters as all local CNNs together (each local: 1/S of them)
+    global_width_factor: Union[float, str] = "auto"
+    coherent_epochs: Optional[int] = None  # coherent CNN-DNN epochs; None: local.epochs
+    coherent_lr: Optional[float] = None  # coherent CNN-DNN learning rate; None: local lr
+    # transfer learning: local CNNs' lr = coherent lr * factor (1: the same training as from
+    # scratch, only the initialisation differs; < 1: gentler fine-tuning)
+    transfer_lr_factor: float = 1.0
+    transfer_coarse_lr_factor: Optional[float] = None  # coarse DNN's; None: transfer_lr_factor
+    transfer_from: Optional[str] = None  # finished decomposed run dir; None: this cnn_dnn run
+    target_accuracy: Optional[float] = None  # time-to-target (val); None: lowest best of all
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,6 +124,7 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 CHOICES = {
@@ -274,3 +296,31 @@ def _check_values(config):
     if resc.factor > 1 and resc.switch_epoch is None and resc.patience is None:
         raise ConfigError("config field 'local.rescaling': with factor > 1 give switch_epoch "
                           "or patience")
+    _check_compare(config.compare)
+
+
+def _check_compare(cmp):
+    """Validate the ``compare`` section (used by ``ddmpi compare`` only)."""
+    unknown = [s for s in cmp.strategies if s not in COMPARE_STRATEGIES]
+    if unknown or not cmp.strategies or len(set(cmp.strategies)) != len(cmp.strategies):
+        raise ConfigError(f"config field 'compare.strategies': {cmp.strategies} must be distinct "
+                          f"names out of {', '.join(COMPARE_STRATEGIES)}")
+    if ("coherent_transfer" in cmp.strategies and "cnn_dnn" not in cmp.strategies
+            and not cmp.transfer_from):
+        raise ConfigError("config field 'compare.strategies': coherent_transfer needs cnn_dnn "
+                          "(or compare.transfer_from, a finished 'ddmpi train' run directory)")
+    if isinstance(cmp.global_width_factor, str) and cmp.global_width_factor != "auto":
+        raise ConfigError("config field 'compare.global_width_factor': a number or 'auto'")
+    if not isinstance(cmp.global_width_factor, str) and cmp.global_width_factor <= 0:
+        raise ConfigError("config field 'compare.global_width_factor': must be positive")
+    for name in ("global_width", "coherent_epochs"):
+        value = getattr(cmp, name)
+        if value is not None and value < (1 if name == "global_width" else 0):
+            raise ConfigError(f"config field 'compare.{name}': must be at least "
+                              f"{1 if name == 'global_width' else 0}")
+    for name in ("coherent_lr", "transfer_lr_factor", "transfer_coarse_lr_factor"):
+        value = getattr(cmp, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config field 'compare.{name}': must be positive")
+    if cmp.target_accuracy is not None and not 0 < cmp.target_accuracy <= 1:
+        raise ConfigError("config field 'compare.target_accuracy': must be in (0, 1]")

@@ -32,7 +32,6 @@ Every CNN carries ``model.config``: the keyword arguments that rebuild it with
 import math
 from numbers import Integral
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

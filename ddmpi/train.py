@@ -9,21 +9,18 @@ trains the coarse DNN and writes the report. Every phase leaves files in the run
 ``--resume`` picks up, so a killed or preempted job continues where it stopped.
 """
 
-import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ddmpi import cluster, combiners, preemption, report
-from ddmpi.atomic import atomic_path, write_text
+from ddmpi import combiners, preemption, report
+from ddmpi.atomic import atomic_path
 from ddmpi.checkpoint import load_checkpoint, save_checkpoint
-from ddmpi.config import ConfigError, dump, load_config, to_dict
-from ddmpi.decomposition import Decomposition
+from ddmpi.config import ConfigError, load_config, to_dict
 from ddmpi.gather import gather_decisions
 from ddmpi.local_training import Preempted, TensorSource, predict_proba, train_local
 from ddmpi.hybrid import GroupDataParallel, HybridError, form_groups
@@ -31,38 +28,8 @@ from ddmpi.mapping import MappingError, assign_subdomains
 from ddmpi.models import count_parameters
 from ddmpi.progress import Progress
 from ddmpi.reader import load_subdomain
-from ddmpi.rundir import check_writable, rank_logger
-from ddmpi.schema import read_info, read_labels
-
-SPLITS = ("train", "val", "test")
-
-
-class PhaseTimer:
-    """Wall time of named phases on this rank."""
-
-    def __init__(self):
-        self.seconds = {}
-
-    @contextmanager
-    def __call__(self, phase):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def collective_check(comm, func, *args):
-    """Run ``func`` on rank 0 only; every rank raises the error rank 0 met (no rank waits)."""
-    error = None
-    if comm.rank == 0:
-        try:
-            func(*args)
-        except (ValueError, OSError) as err:
-            error = err
-    error = comm.bcast(error, root=0)
-    if error is not None:
-        raise error
+from ddmpi.run_context import SPLITS, PhaseTimer, decomposition_of, metrics_head, open_run
+from ddmpi.schema import read_labels
 
 
 def resolve_config(config_path, overrides, resume_dir):
@@ -108,32 +75,10 @@ def run_train(config, comm, resume=False):
     run_dir = Path(config.run.dir)
 
     with timer("setup"):
-        collective_check(comm, check_writable, run_dir)
-        if rank == 0 and not (resume and (run_dir / "config.yaml").exists()):
-            write_text(run_dir / "config.yaml", dump(config))
-        comm.Barrier()
-        log = rank_logger(run_dir, rank, console=(rank == 0))
-        info = read_info(config.data.path)
-        grid = config.decomposition.grid
-        if len(grid) != info.spatial_dims:
-            raise ConfigError(f"config field 'decomposition.grid': {grid} has {len(grid)} axes, "
-                              f"but {info.path} holds {info.spatial_dims}D images "
-                              f"{info.spatial_shape}")
-        try:
-            decomposition = Decomposition(info.spatial_shape, grid, config.decomposition.overlap)
-        except ValueError as err:
-            raise ConfigError(f"config field 'decomposition': {err}") from err
-        for split in SPLITS:
-            if split not in info.splits:
-                raise ConfigError(f"config field 'data.path': {info.path} has no {split!r} "
-                                  f"split (it has {list(info.splits)})")
+        ctx = open_run(config, comm, run_dir, keep_stored_config=resume)
+        log, info, device, amp = ctx.log, ctx.info, ctx.device, ctx.amp
+        decomposition = decomposition_of(config, info)
         owned, parallel, decision_comm = _layout(comm, decomposition.num_subdomains)
-        binding = cluster.bind_process(comm, config.run.device, config.run.threads_per_rank)
-        device = binding.device
-        amp = config.run.amp is True or (config.run.amp == "auto" and device.type == "cuda")
-        log.info(f"{binding}{' amp=bf16' if amp else ''}")
-        if rank == 0:
-            write_text(run_dir / "dataset.json", json.dumps(dataset_record(info), indent=2))
         log.info(f"{decomposition}; rank {rank} owns subdomains {owned}" + (
             f" (data-parallel replica {parallel.rank} of {parallel.size})" if parallel else ""))
         preemption.install()
@@ -177,17 +122,6 @@ def run_train(config, comm, resume=False):
             {name: r["test_accuracy"] for name, r in results.items() if name != "_coarse"}))
         log.info(f"run directory: {run_dir}")
     return metrics
-
-
-def dataset_record(info):
-    """What ``ddmpi predict`` needs of the training data set: classes, shape, statistics and
-    the converter's preprocessing options (image size and mode, HU window, target shape)."""
-    provenance = json.loads(info.attrs.get("provenance", "{}") or "{}")
-    return {"path": str(info.path), "name": info.name, "classes": info.classes,
-            "channels": info.channels, "spatial_shape": list(info.spatial_shape),
-            "mean": info.mean.tolist(), "std": info.std.tolist(),
-            "preprocessing": provenance.get("options", {}), "converter": info.attrs.get(
-                "converter")}
 
 
 def _checkpoint_path(run_dir, sub):
@@ -304,13 +238,8 @@ def _combine(config, gathered, labels, info, device, run_dir):
         "majority_vote": combiners.majority_vote(test_probs),
         "average_probabilities": combiners.average_probabilities(test_probs).argmax(1),
     }
-    results = {}
-    for name, pred in predictions.items():
-        matrix = combiners.confusion_matrix(pred, y, k)
-        results[name] = {"test_accuracy": combiners.accuracy(pred, y),
-                         "per_class_accuracy": dict(zip(info.classes,
-                                                        combiners.per_class_accuracy(matrix))),
-                         "confusion_matrix": matrix}
+    results = {name: combiners.class_results(pred, y, info.classes)
+               for name, pred in predictions.items()}
     results["_coarse"] = {"train_on": train_on, "history": history,
                           "parameters": count_parameters(coarse)}
     return results
@@ -319,14 +248,7 @@ def _combine(config, gathered, labels, info, device, run_dir):
 def _metrics(config, info, decomposition, size, local_all, results, timings, wall):
     coarse = results["_coarse"]
     return {
-        "ddmpi_version": __import__("ddmpi").__version__,
-        "config": to_dict(config),
-        "dataset": {"path": str(info.path), "name": info.name, "classes": info.classes,
-                    "spatial_shape": list(info.spatial_shape), "splits": info.splits},
-        "decomposition": {"grid": list(decomposition.grid),
-                          "overlap": list(decomposition.overlap),
-                          "num_subdomains": decomposition.num_subdomains},
-        "ranks": size,
+        **metrics_head(config, info, size, decomposition),
         "global": {name: r for name, r in results.items() if name != "_coarse"},
         "local": {str(sub): {k: v for k, v in info_.items() if k != "history"}
                   for sub, info_ in sorted(local_all.items())},

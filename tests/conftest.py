@@ -41,3 +41,16 @@ def digits_h5(tmp_path_factory):
 
     rank = MPI.COMM_WORLD.Get_rank()
     return write_digits_h5(tmp_path_factory.mktemp(f"digits_rank{rank}") / "digits.h5")
+
+
+@pytest.fixture
+def mpi_digits(mpi_tmp_path):
+    """Path of the digits data set in pytest-mpi's directory shared by all ranks, written once
+    by rank 0 (collective: every rank of COMM_WORLD must request it)."""
+    from mpi4py import MPI
+
+    path = mpi_tmp_path / "digits.h5"
+    if MPI.COMM_WORLD.rank == 0:
+        write_digits_h5(path)
+    MPI.COMM_WORLD.Barrier()
+    return path

@@ -30,6 +30,19 @@ def assert_all(comm, condition, message="assertion failed on some rank"):
     assert not bad, f"{message} (ranks {bad})"
 
 
+def assert_on_root(comm, checks, message="checks failed on rank 0"):
+    """Collective: run ``checks()`` on rank 0 only (a dict ``{name: bool}``) and fail on every
+    rank if a check is false or ``checks`` raised, so that an exception on rank 0 cannot leave
+    the other ranks waiting in the next collective."""
+    bad = []
+    if comm.rank == 0:
+        try:
+            bad = [name for name, ok in checks().items() if not ok]
+        except Exception as err:  # reported on every rank below
+            bad = [f"raised {err!r}"]
+    assert_all(comm, not bad, f"{message}: {bad}" if comm.rank == 0 else message)
+
+
 def digits_arrays():
     """scikit-learn's bundled handwritten digits (real data, no download) as (N,1,8,8) in [0,1]."""
     from sklearn.datasets import load_digits

@@ -1,7 +1,6 @@
 """Majority vote, averaged probabilities, coarse DNN inputs and training."""
 
 import numpy as np
-import pytest
 
 from ddmpi import combiners
 from ddmpi.config import CoarseConfig

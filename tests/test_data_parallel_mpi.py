@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import write_digits_h5
 from helpers import assert_all, digits_arrays
 from mpi4py import MPI
 
@@ -50,14 +49,11 @@ def test_replicas_identical_after_training(ddp):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(300)
-def test_hybrid_run_two_ranks_per_subdomain(mpi_tmp_path):
+def test_hybrid_run_two_ranks_per_subdomain(mpi_tmp_path, mpi_digits):
     comm = MPI.COMM_WORLD
     if comm.size % 2:
         pytest.skip("needs an even number of ranks")
-    data = mpi_tmp_path / "digits.h5"
-    if comm.rank == 0:
-        write_digits_h5(data)
-    comm.Barrier()
+    data = mpi_digits
     grid = "[1, 1]" if comm.size == 2 else f"[1, {comm.size // 2}]"
     config = load_config(None, [f"data.path={data}", f"run.dir={mpi_tmp_path / 'hybrid'}",
                                 f"decomposition.grid={grid}", "local.epochs=2",

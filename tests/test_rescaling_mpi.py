@@ -21,7 +21,6 @@ import json
 
 import pytest
 import torch
-from conftest import write_digits_h5
 from helpers import assert_all, digits_arrays
 from mpi4py import MPI
 
@@ -42,14 +41,6 @@ RESOLUTIONS = ["1/2"] * SWITCH + ["full"] * (EPOCHS - SWITCH)
 
 def _config(data, run_dir):
     return load_config(None, [f"data.path={data}", *OVERRIDES, f"run.dir={run_dir}"])
-
-
-def _digits(comm, tmp):
-    data = tmp / "digits.h5"
-    if comm.rank == 0:
-        write_digits_h5(data)
-    comm.Barrier()
-    return data
 
 
 def _figures(metrics):
@@ -98,9 +89,9 @@ def _check_run(run):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(300)
-def test_run_with_rescaling_switches_and_resumes(mpi_tmp_path):
+def test_run_with_rescaling_switches_and_resumes(mpi_tmp_path, mpi_digits):
     comm = MPI.COMM_WORLD
-    data = _digits(comm, mpi_tmp_path)
+    data = mpi_digits
     run = mpi_tmp_path / "run"
     metrics = run_train(_config(data, run), comm)
 
@@ -114,11 +105,11 @@ def test_run_with_rescaling_switches_and_resumes(mpi_tmp_path):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(300)
-def test_run_preempted_after_switch_resumes_identically(mpi_tmp_path, monkeypatch):
+def test_run_preempted_after_switch_resumes_identically(mpi_tmp_path, mpi_digits, monkeypatch):
     comm = MPI.COMM_WORLD
     if comm.size > 4:
         pytest.skip("needs every rank to own a subdomain (at most 4 ranks for a 2x2 grid)")
-    data = _digits(comm, mpi_tmp_path)
+    data = mpi_digits
     reference = run_train(_config(data, mpi_tmp_path / "reference"), comm)
 
     # stop every rank's first local CNN halfway through its first full-resolution epoch

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from conftest import write_digits_h5
 from helpers import assert_all
 from mpi4py import MPI
 
@@ -17,12 +16,9 @@ OVERRIDES = ["local.epochs=2", "decomposition.grid=[2, 2]", "decomposition.overl
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(600)
-def test_world_run_equals_single_process_run(mpi_tmp_path):
+def test_world_run_equals_single_process_run(mpi_tmp_path, mpi_digits):
     comm = MPI.COMM_WORLD
-    data = mpi_tmp_path / "digits.h5"
-    if comm.rank == 0:
-        write_digits_h5(data)
-    comm.Barrier()
+    data = mpi_digits
     overrides = [f"data.path={data}", *OVERRIDES]
     metrics = run_train(load_config(None, overrides + [f"run.dir={mpi_tmp_path / 'world'}"]),
                         comm)
