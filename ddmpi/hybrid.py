@@ -42,7 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddmpi.coherent import _mpi_type, allreduce_mean_grads, broadcast_module, make_optimizer
+from ddmpi.coherent import _mpi_type, allreduce_mean_grads, broadcast_module
+from ddmpi.config import OptimizerConfig
+from ddmpi.local_training import make_optimizer
 
 
 class HybridError(ValueError):
@@ -239,7 +241,7 @@ def train_data_parallel(model, inputs, labels, groups: HybridGroups, *, epochs=1
     device = torch.device(device)
     model.to(device)
     broadcast_module(gc, model, root=0)
-    opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, momentum)
+    opt = make_optimizer(model.parameters(), OptimizerConfig(optimizer, lr, weight_decay, momentum))
     x_all, y_all = torch.as_tensor(inputs), torch.as_tensor(labels).long()
     n = len(y_all)
     say = log or (lambda msg: None)
