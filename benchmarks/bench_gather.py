@@ -170,16 +170,14 @@ def stream_to_hdf5(comm, local, num_subdomains, path, chunk_bytes):
 # ---------------------------------------------------------------------------------------------
 
 def model_bytes(s, n, k, p, chunk_bytes):
-    """gather_decisions' buffers on rank 0: result + own send buffer + receive chunk."""
-    owned = assign_subdomains(s, p)
-    c0, cmax = len(owned[0]), max(len(o) for o in owned)
-    rows = min(n, max(1, chunk_bytes // (4 * k * cmax)))
-    # a new receive chunk is allocated while the previous one is still referenced; a rank
-    # with several subdomains copies each chunk of its send buffer (non-contiguous slice)
-    partial = rows < n
-    chunks_alive = 2 if partial else 1
-    own_copy = c0 * rows if (c0 > 1 and partial) else 0
-    return 4 * k * (s * n + c0 * n + chunks_alive * s * rows + own_copy), 4 * k * s * rows
+    """gather_decisions' buffers on rank 0: result + own send buffer + receive buffer (one,
+    reused; at most ``chunk_bytes``) + the contiguous copy of its own part of a chunk."""
+    c0 = len(assign_subdomains(s, p)[0])
+    rows = min(n, max(1, chunk_bytes // (4 * k * s)))
+    # a rank with several subdomains copies each chunk of its send buffer (non-contiguous
+    # slice); the previous chunk's copy is still referenced while the next one is made
+    own_copy = 2 * c0 * rows if (c0 > 1 and rows < n) else 0
+    return 4 * k * (s * n + c0 * n + s * rows + own_copy), 4 * k * s * rows
 
 
 def timed(comm, func, repeat, probe):
