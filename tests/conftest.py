@@ -54,3 +54,20 @@ def mpi_digits(mpi_tmp_path):
         write_digits_h5(path)
     MPI.COMM_WORLD.Barrier()
     return path
+
+
+DIGITS_CNN = dict(family="vgg", spatial_dims=2, in_channels=1, num_classes=10,
+                  input_shape=(8, 8), depth=2, width=8)   # build_cnn arguments for whole digits
+
+
+@pytest.fixture(scope="module")
+def digits_sources():
+    """Whole digits as (train, val) TensorSources: 1,200 and 300 samples, normalised."""
+    import torch
+    from helpers import digits_arrays
+
+    from ddmpi.local_training import TensorSource
+
+    x, y = digits_arrays()
+    x = torch.from_numpy((x - 0.3) / 0.4)
+    return TensorSource(x[:1200], y[:1200]), TensorSource(x[1200:1500], y[1200:1500])

@@ -76,3 +76,14 @@ def mpirun(n, *command):
     cmd = [launcher, "-n", str(n), *flags, *[sys.executable if c == "python" else c
                                              for c in command]]
     return cmd, env
+
+
+def digits_subimages(start, stop):
+    """Subimages {s: (N, 1, 4, 4)} of the 2x2 subdomains of digits[start:stop], labels (N,)."""
+    import torch
+
+    images, labels = digits_arrays()
+    images, labels = images[start:stop], labels[start:stop]
+    subs = {i * 2 + j: torch.from_numpy(np.ascontiguousarray(
+        images[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4])) for i in range(2) for j in range(2)}
+    return subs, torch.from_numpy(labels)

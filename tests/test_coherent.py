@@ -4,21 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import digits_arrays
+from helpers import digits_subimages
 
 from ddmpi.coherent import (CoherentCNNDNN, CoherentError, RngStream, SubdomainLayout,
                             batch_order, gather_decisions, train_coherent)
 from ddmpi.models import CoarseDNN, build_cnn
 
 S, K = 4, 10
-
-
-def digits_subimages(start, stop):
-    images, labels = digits_arrays()
-    images, labels = images[start:stop], labels[start:stop]
-    subs = {i * 2 + j: torch.from_numpy(np.ascontiguousarray(
-        images[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4])) for i in range(2) for j in range(2)}
-    return subs, torch.from_numpy(labels)
 
 
 def make_models(dropout=0.0):

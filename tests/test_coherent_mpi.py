@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_all, digits_arrays
+from helpers import assert_all, digits_subimages
 from mpi4py import MPI
 
 from ddmpi.coherent import (CoherentCNNDNN, CoherentError, RngStream, batch_order,
@@ -31,15 +31,6 @@ def comm():
     if comm.size > S:
         pytest.skip(f"{comm.size} ranks for {S} subdomains")   # same decision on every rank
     return comm
-
-
-def digits_subimages(start, stop):
-    """Subimages {s: (N, 1, 4, 4)} of digits[start:stop] and their labels (N,)."""
-    images, labels = digits_arrays()
-    images, labels = images[start:stop], labels[start:stop]
-    subs = {i * 2 + j: torch.from_numpy(np.ascontiguousarray(
-        images[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4])) for i in range(2) for j in range(2)}
-    return subs, torch.from_numpy(labels)
 
 
 def make_models(dropout=0.0):

@@ -21,13 +21,14 @@ import json
 
 import pytest
 import torch
-from helpers import assert_all, digits_arrays
+from conftest import DIGITS_CNN
+from helpers import assert_all
 from mpi4py import MPI
 
 from ddmpi import preemption
 from ddmpi.checkpoint import load_checkpoint
 from ddmpi.config import LocalConfig, ModelConfig, RescalingConfig, load_config
-from ddmpi.local_training import Preempted, TensorSource, evaluate, train_local
+from ddmpi.local_training import Preempted, evaluate, train_local
 from ddmpi.mapping import assign_subdomains
 from ddmpi.train import run_train
 
@@ -146,37 +147,27 @@ def test_run_preempted_after_switch_resumes_identically(mpi_tmp_path, mpi_digits
 
 # ---------------------------------------------------------------------- serial loop checks
 
-BUILD = dict(family="vgg", spatial_dims=2, in_channels=1, num_classes=10, input_shape=(8, 8),
-             depth=2, width=8)
-
-
-@pytest.fixture(scope="module")
-def sources():
-    x, y = digits_arrays()
-    x = torch.from_numpy((x - 0.3) / 0.4)
-    return TensorSource(x[:1200], y[:1200]), TensorSource(x[1200:1500], y[1200:1500])
-
 
 def _train(sources, epochs, rescaling, **kw):
     cfg = LocalConfig(model=ModelConfig(depth=2, width=8), epochs=epochs, batch_size=64,
                       rescaling=rescaling, **kw)
     cfg.optimizer.lr = 0.01
-    return train_local(BUILD, sources[0], sources[1], cfg, device=torch.device("cpu"), seed=3,
+    return train_local(DIGITS_CNN, sources[0], sources[1], cfg, device=torch.device("cpu"), seed=3,
                        log=lambda msg: None)
 
 
-def test_early_stopping_counts_from_the_switch(sources):
-    model, history, best_epoch = _train(sources, 6, RescalingConfig(2, switch_epoch=3),
+def test_early_stopping_counts_from_the_switch(digits_sources):
+    model, history, best_epoch = _train(digits_sources, 6, RescalingConfig(2, switch_epoch=3),
                                         early_stopping_patience=2)
     assert [r.resolution for r in history[:4]] == ["1/2"] * 3 + ["full"]
     assert best_epoch >= 3
     assert tuple(model.stem.conv.weight.shape[2:]) == (6, 6)
 
 
-def test_unfired_patience_still_ends_at_full_resolution(sources):
-    model, history, best_epoch = _train(sources, 3, RescalingConfig(2, patience=10))
+def test_unfired_patience_still_ends_at_full_resolution(digits_sources):
+    model, history, best_epoch = _train(digits_sources, 3, RescalingConfig(2, patience=10))
     assert [r.resolution for r in history] == ["1/2"] * 3
     assert tuple(model.stem.conv.weight.shape[2:]) == (6, 6)  # switched after the last epoch
-    _, accuracy = evaluate(model, sources[1], torch.device("cpu"))
+    _, accuracy = evaluate(model, digits_sources[1], torch.device("cpu"))
     assert best_epoch == 3
-    assert abs(accuracy - history[-1].val_accuracy) <= 1 / len(sources[1]) + 1e-9
+    assert abs(accuracy - history[-1].val_accuracy) <= 1 / len(digits_sources[1]) + 1e-9
