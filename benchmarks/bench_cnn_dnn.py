@@ -41,9 +41,9 @@ def local_phase_seconds(metrics):
 
 def coarse_variants(run_dir, config_path):
     """Test accuracy of the coarse DNN trained on each choice of local decisions."""
-    from ddmpi import combiners
+    from ddmpi.coarse import combiners
     from ddmpi.config import load_config
-    from ddmpi.schema import read_labels
+    from ddmpi.data.schema import read_labels
 
     config = load_config(run_dir / "config.yaml")
     subs = sorted(run_dir.glob("decisions/local_*.npz"))

@@ -33,7 +33,7 @@ def step_cost(build_kwargs, batch=32, reps=20):
     import torch
     import torch.nn.functional as F
 
-    from ddmpi.models import build_cnn
+    from ddmpi.models.cnn import build_cnn
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -54,12 +54,12 @@ def step_cost(build_kwargs, batch=32, reps=20):
 
 def cost_report(config_path, overrides):
     """Per-sample step cost of the global CNN and of the local CNNs of the configuration."""
-    from ddmpi.baseline import global_build_kwargs
-    from ddmpi.coherent_run import local_build_kwargs
+    from ddmpi.strategies.global_ddp import global_build_kwargs
+    from ddmpi.strategies.coherent import local_build_kwargs
     from ddmpi.config import load_config
-    from ddmpi.decomposition import Decomposition
-    from ddmpi.models import build_cnn, count_parameters
-    from ddmpi.schema import read_info
+    from ddmpi.data.decomposition import Decomposition
+    from ddmpi.models.cnn import build_cnn, count_parameters
+    from ddmpi.data.schema import read_info
 
     config = load_config(config_path, overrides)
     info = read_info(config.data.path)
@@ -109,7 +109,7 @@ def main():
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"ddmpi compare took {time.perf_counter() - start:.0f} s", flush=True)
 
-    from ddmpi.compare import format_table
+    from ddmpi.commands.compare import format_table
 
     comparison = json.loads((out / "comparison.json").read_text())
     comparison["cost_per_sample"] = cost

@@ -6,7 +6,7 @@
 
 For every combination of S subdomains (spread over the ranks as ``ddmpi train`` spreads them,
 several per rank when S > P), K classes and N samples, every rank fills its ``{subdomain: (N, K)
-float32}`` decisions and calls :func:`ddmpi.gather.gather_decisions` with each ``--chunk-mb``
+float32}`` decisions and calls :func:`ddmpi.parallel.gather.gather_decisions` with each ``--chunk-mb``
 (``run.gather_chunk_mb``; the default of ddmpi is 64), and rank 0 prints
 
 - the wall time of the gather (rank 0, after a barrier; best of ``--repeat``) and the rate in
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from ddmpi.gather import gather_decisions
-from ddmpi.mapping import assign_subdomains
+from ddmpi.parallel.gather import gather_decisions
+from ddmpi.parallel.mapping import assign_subdomains
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -4,10 +4,10 @@
     python benchmarks/bench_io.py --data FILE.h5 --split train --grids 2x2:2 4x4:2
 
 For every subdomain of each grid it reads the split's subdomain the way a rank does
-(:func:`ddmpi.reader.load_subdomain`: block-wise hyperslabs of whole chunks) through a file
+(:func:`ddmpi.data.reader.load_subdomain`: block-wise hyperslabs of whole chunks) through a file
 object that counts the bytes HDF5 asks for, and prints them against the split's image bytes.
 ``--lazy-batches B`` also times random batches of ``B`` samples read on demand
-(:class:`ddmpi.reader.SubdomainDataset` with ``in_memory=False``).
+(:class:`ddmpi.data.reader.SubdomainDataset` with ``in_memory=False``).
 
 Without ``--data`` it converts ``--src`` (MNIST IDX .gz, default ``../shared/data/mnist-test10k``)
 into a temporary ddmpi data set (seeded 8,000 / 1,000 / 1,000 split) with a few lines of numpy,
@@ -69,8 +69,8 @@ class CountingFile(io.RawIOBase):
 
 @contextlib.contextmanager
 def counting_reader():
-    """Make :mod:`ddmpi.reader` open files through :class:`CountingFile`s; yields their list."""
-    from ddmpi import reader
+    """Make :mod:`ddmpi.data.reader` open files through :class:`CountingFile`s; yields their list."""
+    from ddmpi.data import reader
 
     opened = []
 
@@ -104,7 +104,7 @@ def convert_mnist(src, out, depth=None, n3d=1000):
     ``depth``: stack that many consecutive digits into one (1, depth, 28, 28) volume
     (``n3d`` volumes, labelled by the middle digit) to benchmark a 3D layout on real pixels.
     """
-    from ddmpi.schema import DatasetWriter
+    from ddmpi.data.schema import DatasetWriter
 
     src = Path(src)
     images = next(src.glob("*images-idx3-ubyte.gz"))
@@ -144,7 +144,7 @@ def even_chunk_shape(n_samples, channels, spatial_shape, itemsize=4):
 @contextlib.contextmanager
 def chunk_layout(layout):
     """Write with the schema's chunks (``"schema"``) or :func:`even_chunk_shape` (``"even"``)."""
-    from ddmpi import schema
+    from ddmpi.data import schema
 
     global _SCHEMA_CHUNK_SHAPE
     original = _SCHEMA_CHUNK_SHAPE = schema.chunk_shape
@@ -181,9 +181,9 @@ def rchar():
 
 
 def bench_file(path, split, specs, lazy_batches=0, rng=None):
-    from ddmpi.decomposition import Decomposition
-    from ddmpi.reader import SubdomainDataset, load_subdomain
-    from ddmpi.schema import read_info
+    from ddmpi.data.decomposition import Decomposition
+    from ddmpi.data.reader import SubdomainDataset, load_subdomain
+    from ddmpi.data.schema import read_info
 
     info = read_info(path)
     with h5py.File(path, "r") as f:

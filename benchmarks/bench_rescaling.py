@@ -19,7 +19,7 @@ each for
 * ``global``  the global baseline: one CNN on the full images (``train_local`` on the only
               subdomain of a 1x1 grid);
 * ``local``   the four local CNNs of a 2x2 decomposition (overlap 2 px at 28x28, 4 px at 56x56:
-              16x16 / 32x32 sub-images, read with ``ddmpi.reader.load_subdomain``), each trained
+              16x16 / 32x32 sub-images, read with ``ddmpi.data.reader.load_subdomain``), each trained
               with ``train_local`` and seed ``seed + subdomain`` as ``ddmpi train`` does; their
               test decisions are also combined by averaged probabilities (the coarse DNN is
               left out: it costs the same for every variant);
@@ -30,7 +30,7 @@ on two data sets:
              written with ``python -m data_prep mnist --src ../shared/data/mnist-test10k --out
              data/mnist10k.h5 --val-fraction 0.1 --test-fraction 0.1`` when absent);
 * ``56x56``  the same digits and splits up-sampled 2x (bilinear, ``torch.nn.functional.
-             interpolate``, clipped to [0, 1]) and written with ``ddmpi.schema.DatasetWriter`` to
+             interpolate``, clipped to [0, 1]) and written with ``ddmpi.data.schema.DatasetWriter`` to
              ``data/mnist10k_56.h5`` when absent (``--upsampled``).
 
 Figures, per row (a local row sums its four CNNs: the cost on one core):
@@ -68,14 +68,14 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddmpi import combiners  # noqa: E402
+from ddmpi.coarse import combiners  # noqa: E402
 from ddmpi.config import (LocalConfig, ModelConfig, OptimizerConfig,  # noqa: E402
                           RescalingConfig, SchedulerConfig)
-from ddmpi.decomposition import Decomposition  # noqa: E402
-from ddmpi.local_training import TensorSource, predict_proba, train_local  # noqa: E402
-from ddmpi.reader import load_subdomain  # noqa: E402
-from ddmpi.rescaling import KernelRescaling  # noqa: E402
-from ddmpi.schema import DatasetWriter, read_info  # noqa: E402
+from ddmpi.data.decomposition import Decomposition  # noqa: E402
+from ddmpi.training.loop import TensorSource, predict_proba, train_local  # noqa: E402
+from ddmpi.data.reader import load_subdomain  # noqa: E402
+from ddmpi.models.rescaling import KernelRescaling  # noqa: E402
+from ddmpi.data.schema import DatasetWriter, read_info  # noqa: E402
 
 VARIANTS = ("ordinary", "rescaled", "strided")
 SPLITS = ("train", "val", "test")
@@ -97,7 +97,7 @@ def prepare_mnist(path, src):
 
 def prepare_upsampled(source, path, factor=2):
     """The data set ``source`` with every image up-sampled ``factor``x (bilinear), same splits,
-    labels and ids, written with :class:`ddmpi.schema.DatasetWriter`, when absent."""
+    labels and ids, written with :class:`ddmpi.data.schema.DatasetWriter`, when absent."""
     if path.exists():
         return path
     import h5py
@@ -391,7 +391,7 @@ def report_markdown(meta, rows):
         f"local rows the four CNNs combined by averaged probabilities (the mean of the single "
         f"CNNs beside it). The 56x56 images are the same digits and splits up-sampled 2x "
         f"(bilinear), written by the benchmark to `data/mnist10k_56.h5` with "
-        f"`ddmpi.schema.DatasetWriter` when absent.",
+        f"`ddmpi.data.schema.DatasetWriter` when absent.",
         "",
         table(rows),
         "",

@@ -12,11 +12,11 @@ with each rank count P, so that every rank owns S/P of the S subdomains, and pri
   ``metrics.json``'s ``timings_seconds``), the speed-up T(1)/T(P) and the parallel efficiency
   E(P) = T(1) / (P * T(P)); the whole job's wall time (mpirun to exit) and ddmpi's own wall time;
 - E_cpu(P): the same ratio computed from the CPU seconds of the local phase (``process_time``,
-  recorded by a wrapper around ``ddmpi.train.PhaseTimer``, no change to ddmpi): the efficiency
+  recorded by a wrapper around ``ddmpi.strategies.cnn_dnn.PhaseTimer``, no change to ddmpi): the efficiency
   the run would have with one idle core per rank. On a shared machine the wall-time figure
   depends on what else runs; E_cpu much less so. Also the load average around each run;
 - bytes read per rank: every rank reads its subdomains of the train, val and test splits
-  (:func:`ddmpi.reader.load_subdomain`); the benchmark reads them here through the counting file
+  (:func:`ddmpi.data.reader.load_subdomain`); the benchmark reads them here through the counting file
   object of ``bench_io.py`` and sums them per rank of each layout, against the data set's image
   bytes (all splits);
 - whether the global test accuracies agree across rank counts (seeds follow subdomains).
@@ -55,7 +55,7 @@ LOCAL_PHASES = ("load_data", "local_training", "local_inference")
 
 def worker(argv):
     """``ddmpi train`` (``argv``) with ``cpu:<phase>`` entries added to ``timings_seconds``."""
-    from ddmpi import train
+    from ddmpi.strategies import cnn_dnn as train
     from ddmpi.cli import main
 
     class CpuPhaseTimer(train.PhaseTimer):
@@ -117,9 +117,9 @@ def bytes_per_rank(data, decomposition, rank_counts):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_io import counting_reader
 
-    from ddmpi.mapping import assign_subdomains
-    from ddmpi.reader import load_subdomain
-    from ddmpi.schema import read_info
+    from ddmpi.parallel.mapping import assign_subdomains
+    from ddmpi.data.reader import load_subdomain
+    from ddmpi.data.schema import read_info
 
     info = read_info(data)
     splits = ("train", "val", "test")
@@ -175,8 +175,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from ddmpi.config import load_config
-    from ddmpi.decomposition import Decomposition
-    from ddmpi.schema import read_info
+    from ddmpi.data.decomposition import Decomposition
+    from ddmpi.data.schema import read_info
 
     for name in ("config", "data", "src", "out", "json"):
         if getattr(args, name) is not None:

@@ -16,7 +16,7 @@ from data_prep import download, provenance
 from data_prep.errors import PrepError
 from data_prep.output import write_dataset
 from data_prep.splits import SplitOptions, split_sources
-from ddmpi.atomic import atomic_path
+from ddmpi.data.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

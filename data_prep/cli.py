@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ddmpi.schema import DatasetError
+from ddmpi.data.schema import DatasetError
 
 EXAMPLES = """\
 examples:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from data_prep.errors import PrepError
 from ddmpi import __version__
-from ddmpi.atomic import atomic_path
+from ddmpi.data.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The one error type of ``data_prep``: an input that cannot be converted, named in the message."""
 
-from ddmpi.schema import DatasetError
+from ddmpi.data.schema import DatasetError
 
 
 class PrepError(DatasetError):

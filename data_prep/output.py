@@ -1,10 +1,10 @@
-"""Write converted arrays through ``ddmpi.schema.DatasetWriter`` (atomic: all or nothing)."""
+"""Write converted arrays through ``ddmpi.data.schema.DatasetWriter`` (atomic: all or nothing)."""
 
 import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.splits import check_disjoint_groups
-from ddmpi.schema import SPLITS, DatasetWriter
+from ddmpi.data.schema import SPLITS, DatasetWriter
 
 
 def write_dataset(out, *, name, classes, converter, provenance, images, labels, parts,

@@ -7,7 +7,7 @@ from data_prep.nifti import is_nifti, load_volume
 
 
 def load_sample(path, info):
-    """``path`` as one sample of the data set described by ``info`` (``ddmpi.schema.DatasetInfo``).
+    """``path`` as one sample of the data set described by ``info`` (``ddmpi.data.schema.DatasetInfo``).
 
     NIfTI files are resampled to the data set's (D, H, W) with the window recorded in its
     provenance; other files are read as images of its (H, W), grey or RGB by its channel count.

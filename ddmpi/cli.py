@@ -1,6 +1,6 @@
 """Command line: ``ddmpi train | predict | compare`` (also ``python -m ddmpi ...``), MPI-safe.
 
-Every subcommand runs under :func:`ddmpi.mpi_abort.run_or_abort`: an exception on any rank
+Every subcommand runs under :func:`ddmpi.parallel.abort.run_or_abort`: an exception on any rank
 prints that rank's message and aborts the whole job with a non-zero exit instead of leaving the
 other ranks waiting.
 """
@@ -13,15 +13,15 @@ from ddmpi import __version__
 
 def _user_errors():
     from ddmpi.config import ConfigError
-    from ddmpi.mapping import MappingError
-    from ddmpi.rundir import RunDirError
-    from ddmpi.schema import DatasetError
+    from ddmpi.parallel.mapping import MappingError
+    from ddmpi.strategies.rundir import RunDirError
+    from ddmpi.data.schema import DatasetError
 
     return (ConfigError, DatasetError, MappingError, RunDirError, FileNotFoundError)
 
 
 def build_parser():
-    from ddmpi.train import RESUME_IF_POSSIBLE
+    from ddmpi.strategies.cnn_dnn import RESUME_IF_POSSIBLE
 
     parser = argparse.ArgumentParser(
         prog="ddmpi", description="Domain-decomposition training of CNN image classifiers "
@@ -76,14 +76,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from mpi4py import MPI
 
-    from ddmpi.mpi_abort import run_or_abort
+    from ddmpi.parallel.abort import run_or_abort
 
     if args.command == "train":
-        from ddmpi.train import main as command
+        from ddmpi.strategies.cnn_dnn import main as command
     elif args.command == "compare":
-        from ddmpi.compare import main as command
+        from ddmpi.commands.compare import main as command
     else:
-        from ddmpi.predict import main as command
+        from ddmpi.commands.predict import main as command
     run_or_abort(command, args, MPI.COMM_WORLD, user_error_types=_user_errors())
     return 0
 

@@ -20,7 +20,7 @@ def write_digits_h5(path):
     """Write the 1,797 real scikit-learn digits as a ddmpi data set (70/15/15 split, seeded)."""
     from helpers import digits_arrays
 
-    from ddmpi.schema import DatasetWriter
+    from ddmpi.data.schema import DatasetWriter
 
     images, labels = digits_arrays()
     order = np.random.default_rng(0).permutation(len(images))
@@ -66,7 +66,7 @@ def digits_sources():
     import torch
     from helpers import digits_arrays
 
-    from ddmpi.local_training import TensorSource
+    from ddmpi.training.loop import TensorSource
 
     x, y = digits_arrays()
     x = torch.from_numpy((x - 0.3) / 0.4)

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 from helpers import shared_data
 
-from ddmpi.decomposition import Decomposition
-from ddmpi.reader import load_subdomain
-from ddmpi.schema import open_h5
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.data.reader import load_subdomain
+from ddmpi.data.schema import open_h5
 
 
 def test_subdomain_1_0_equals_original_pixels(tmp_path):

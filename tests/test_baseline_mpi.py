@@ -8,11 +8,11 @@ import torch
 from helpers import assert_all, assert_on_root
 from mpi4py import MPI
 
-from ddmpi.baseline import global_build_kwargs, load_global, run_baseline, train_global_ddp
-from ddmpi.coherent import max_replica_difference
+from ddmpi.strategies.global_ddp import global_build_kwargs, load_global, run_baseline, train_global_ddp
+from ddmpi.models.coherent import max_replica_difference
 from ddmpi.config import load_config
-from ddmpi.local_training import TensorSource
-from ddmpi.schema import read_info
+from ddmpi.training.loop import TensorSource
+from ddmpi.data.schema import read_info
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 

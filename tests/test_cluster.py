@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from ddmpi import cluster
-from ddmpi.cluster import (
+from ddmpi.parallel import cluster
+from ddmpi.parallel.cluster import (
     BindingError, ClusterEnvironment, MPICHEnvironment, OpenMPIEnvironment, PMIxEnvironment,
     SlurmEnvironment, bind_threads, describe_binding, node_local_rank, parse_tasks_per_node,
     select_device, slurm_gpus, threads_per_rank)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import assert_all
 
-from ddmpi.cluster import bind_process, node_local_rank, select_device
+from ddmpi.parallel.cluster import bind_process, node_local_rank, select_device
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

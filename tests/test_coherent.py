@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from helpers import digits_subimages
 
-from ddmpi.coherent import (CoherentCNNDNN, CoherentError, RngStream, SubdomainLayout,
+from ddmpi.models.coherent import (CoherentCNNDNN, CoherentError, RngStream, SubdomainLayout,
                             batch_order, gather_decisions, train_coherent)
-from ddmpi.models import CoarseDNN, build_cnn
+from ddmpi.models.cnn import CoarseDNN, build_cnn
 
 S, K = 4, 10
 

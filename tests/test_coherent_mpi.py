@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from helpers import assert_all, digits_subimages
 from mpi4py import MPI
 
-from ddmpi.coherent import (CoherentCNNDNN, CoherentError, RngStream, batch_order,
+from ddmpi.models.coherent import (CoherentCNNDNN, CoherentError, RngStream, batch_order,
                             max_replica_difference, module_vector, train_coherent)
-from ddmpi.mapping import assign_subdomains
-from ddmpi.models import CoarseDNN, build_cnn
+from ddmpi.parallel.mapping import assign_subdomains
+from ddmpi.models.cnn import CoarseDNN, build_cnn
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ddmpi import combiners
+from ddmpi.coarse import combiners
 from ddmpi.config import CoarseConfig
 
 

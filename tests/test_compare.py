@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ddmpi import combiners
-from ddmpi.baseline import global_build_kwargs, global_width
+from ddmpi.coarse import combiners
+from ddmpi.strategies.global_ddp import global_build_kwargs, global_width
 from ddmpi.cli import build_parser
-from ddmpi.coherent_run import LogInputs, coarse_module
-from ddmpi.compare import build_comparison, format_markdown, format_table, plot_comparison, \
+from ddmpi.strategies.coherent import LogInputs, coarse_module
+from ddmpi.commands.compare import build_comparison, format_markdown, format_table, plot_comparison, \
     time_to_target
 from ddmpi.config import ConfigError, load_config
-from ddmpi.models import CoarseDNN, build_cnn, count_parameters
+from ddmpi.models.cnn import CoarseDNN, build_cnn, count_parameters
 
 
 def _config(*overrides):

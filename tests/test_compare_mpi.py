@@ -15,13 +15,13 @@ from conftest import write_digits_h5
 from helpers import assert_all, assert_on_root
 from mpi4py import MPI
 
-from ddmpi import combiners
-from ddmpi.checkpoint import load_checkpoint
-from ddmpi.coherent_run import TransferError, load_transfer, run_coherent
-from ddmpi.compare import format_table, run_compare
+from ddmpi.coarse import combiners
+from ddmpi.training.checkpoint import load_checkpoint
+from ddmpi.strategies.coherent import TransferError, load_transfer, run_coherent
+from ddmpi.commands.compare import format_table, run_compare
 from ddmpi.config import load_config
-from ddmpi.predict import predict
-from ddmpi.schema import read_labels
+from ddmpi.commands.predict import predict
+from ddmpi.data.schema import read_labels
 
 pytestmark = [pytest.mark.mpi(min_size=2)]
 

@@ -8,12 +8,12 @@ import torch.distributed as dist
 from helpers import assert_all, digits_arrays
 from mpi4py import MPI
 
-from ddmpi.coherent import max_replica_difference
+from ddmpi.models.coherent import max_replica_difference
 from ddmpi.config import LocalConfig, ModelConfig, load_config
-from ddmpi.hybrid import GroupDataParallel
-from ddmpi.local_training import TensorSource, train_local
-from ddmpi.torch_dist import torch_distributed
-from ddmpi.train import run_train
+from ddmpi.parallel.hybrid import GroupDataParallel
+from ddmpi.training.loop import TensorSource, train_local
+from ddmpi.parallel.torch_dist import torch_distributed
+from ddmpi.strategies.cnn_dnn import run_train
 
 BUILD = dict(family="vgg", spatial_dims=2, in_channels=1, num_classes=10, input_shape=(8, 8),
              depth=2, width=4)

@@ -11,7 +11,7 @@ from data_prep import cifar
 from data_prep.cli import main
 from data_prep.errors import PrepError
 from data_prep.splits import SplitOptions
-from ddmpi.schema import read_info
+from ddmpi.data.schema import read_info
 
 
 def batch(n, label_key, num_classes, seed):

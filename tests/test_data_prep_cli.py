@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep.cli import RUNNERS, build_parser, main
-from ddmpi.schema import read_info
+from ddmpi.data.schema import read_info
 
 REPO = Path(__file__).resolve().parents[1]
 

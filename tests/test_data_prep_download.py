@@ -12,7 +12,7 @@ from test_data_prep_mnist import make_mnist
 from data_prep import cifar, mnist
 from data_prep.download import fetch
 from data_prep.errors import PrepError
-from ddmpi.schema import read_info
+from ddmpi.data.schema import read_info
 
 
 def md5(path):

@@ -14,7 +14,7 @@ from data_prep.errors import PrepError
 from data_prep.images import load_image
 from data_prep.sample import load_sample
 from data_prep.splits import SplitOptions
-from ddmpi.schema import read_info
+from ddmpi.data.schema import read_info
 
 
 def make_faces(root, subjects=40, per_subject=10, size=(112, 92)):

@@ -15,7 +15,7 @@ from data_prep.cli import main
 from data_prep.errors import PrepError
 from data_prep.idx import read_idx
 from data_prep.splits import SplitOptions
-from ddmpi.schema import read_info
+from ddmpi.data.schema import read_info
 
 TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int16): 0x0B, np.dtype(np.float32): 0x0D}
 

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ddmpi.decomposition import Decomposition, parse_grid, parse_overlap
+from ddmpi.data.decomposition import Decomposition, parse_grid, parse_overlap
 
 CASES = [
     ((28, 28), (2, 2), 0),

@@ -5,8 +5,8 @@ import pytest
 from helpers import assert_all
 from mpi4py import MPI
 
-from ddmpi.gather import gather_decisions
-from ddmpi.mapping import assign_subdomains
+from ddmpi.parallel.gather import gather_decisions
+from ddmpi.parallel.mapping import assign_subdomains
 
 
 def _decisions(sub, n, k):

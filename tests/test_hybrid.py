@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddmpi.hybrid import HybridError, form_groups, shard_indices
+from ddmpi.parallel.hybrid import HybridError, form_groups, shard_indices
 
 
 def test_shards_cover_all_samples_equally():

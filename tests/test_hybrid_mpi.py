@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_all, digits_arrays
 
-from ddmpi.coherent import max_replica_difference, module_vector
-from ddmpi.hybrid import (HybridError, dp_step, form_groups, gather_leader_decisions,
+from ddmpi.models.coherent import max_replica_difference, module_vector
+from ddmpi.parallel.hybrid import (HybridError, dp_step, form_groups, gather_leader_decisions,
                           group_predict, shard_indices, train_data_parallel)
-from ddmpi.models import build_cnn
-from ddmpi.torch_dist import new_group_from_comm, torch_distributed
+from ddmpi.models.cnn import build_cnn
+from ddmpi.parallel.torch_dist import new_group_from_comm, torch_distributed
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 

@@ -8,7 +8,7 @@ import torch
 from conftest import DIGITS_CNN
 
 from ddmpi.config import LocalConfig, ModelConfig
-from ddmpi.local_training import Preempted, evaluate, predict_proba, train_local
+from ddmpi.training.loop import Preempted, evaluate, predict_proba, train_local
 
 
 def _cfg(**kw):

@@ -1,10 +1,10 @@
-"""ddmpi.models: shapes, down-sampling rules, width factor, determinism, validation."""
+"""ddmpi.models.cnn: shapes, down-sampling rules, width factor, determinism, validation."""
 
 import pytest
 import torch
 from torch import nn
 
-from ddmpi.models import CNN, CoarseDNN, build_cnn, count_parameters
+from ddmpi.models.cnn import CNN, CoarseDNN, build_cnn, count_parameters
 
 FAMILIES = ("vgg", "resnet")
 

@@ -13,9 +13,9 @@ from helpers import mpirun, shared_data
 from mpi4py import MPI
 
 from ddmpi.config import load_config
-from ddmpi.predict import predict
-from ddmpi.schema import open_h5, read_labels
-from ddmpi.train import run_train
+from ddmpi.commands.predict import predict
+from ddmpi.data.schema import open_h5, read_labels
+from ddmpi.strategies.cnn_dnn import run_train
 
 
 @pytest.fixture(scope="module")

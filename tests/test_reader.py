@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddmpi import schema
-from ddmpi.decomposition import Decomposition
-from ddmpi.reader import SubdomainDataset, load_subdomain, read_subdomain
-from ddmpi.schema import DatasetError, DatasetWriter, read_info
+from ddmpi.data import schema
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.data.reader import SubdomainDataset, load_subdomain, read_subdomain
+from ddmpi.data.schema import DatasetError, DatasetWriter, read_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,7 +40,7 @@ def _shared_file(comm, directory, name, write):
 
 
 def _write_mnistlike(path, sample_shape, n=257, seed=7):
-    from ddmpi.schema import DatasetWriter
+    from ddmpi.data.schema import DatasetWriter
 
     rng = np.random.default_rng(seed)
     with DatasetWriter(path, name=path.stem, classes=list(range(10)),
@@ -52,15 +52,15 @@ def _write_mnistlike(path, sample_shape, n=257, seed=7):
 
 
 def _my_subdomains(comm, dec):
-    """Round-robin: rank r owns subdomains r, r + size, ... (a stand-in for ddmpi.mapping)."""
+    """Round-robin: rank r owns subdomains r, r + size, ... (a stand-in for ddmpi.parallel.mapping)."""
     return list(range(comm.rank, dec.num_subdomains, comm.size))
 
 
 def _check_rank_reads(comm, path, dec):
     import h5py
 
-    from ddmpi.reader import SubdomainDataset, load_subdomain
-    from ddmpi.schema import read_info
+    from ddmpi.data.reader import SubdomainDataset, load_subdomain
+    from ddmpi.data.schema import read_info
 
     info = read_info(path)
     shape = (-1,) + (1,) * dec.ndim
@@ -103,7 +103,7 @@ def _check_rank_reads(comm, path, dec):
 
 
 def test_each_rank_reads_its_2x2_subdomains(mpi_tmp_path):
-    from ddmpi.decomposition import Decomposition
+    from ddmpi.data.decomposition import Decomposition
 
     comm = _world()
     path = _shared_file(comm, mpi_tmp_path, "img28.h5",
@@ -116,7 +116,7 @@ def test_each_rank_reads_its_2x2_subdomains(mpi_tmp_path):
 
 
 def test_each_rank_reads_its_3d_subdomains(mpi_tmp_path):
-    from ddmpi.decomposition import Decomposition
+    from ddmpi.data.decomposition import Decomposition
 
     comm = _world()
     path = _shared_file(comm, mpi_tmp_path, "vol.h5",
@@ -126,8 +126,8 @@ def test_each_rank_reads_its_3d_subdomains(mpi_tmp_path):
 
 def test_all_ranks_read_the_same_subdomain_at_once(mpi_tmp_path):
     """Concurrent read-only opens of one file (no locking) from every rank, same hyperslab."""
-    from ddmpi.decomposition import Decomposition
-    from ddmpi.reader import load_subdomain
+    from ddmpi.data.decomposition import Decomposition
+    from ddmpi.data.reader import load_subdomain
 
     comm = _world()
     path = _shared_file(comm, mpi_tmp_path, "same.h5",

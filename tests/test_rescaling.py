@@ -1,4 +1,4 @@
-"""ddmpi.rescaling: the scaling property of convolution, exact continuity of the switch, schedule,
+"""ddmpi.models.rescaling: the scaling property of convolution, exact continuity of the switch, schedule,
 and a real training run (scikit-learn digits) that switches resolution mid-training."""
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddmpi.models import build_cnn, count_parameters
-from ddmpi.rescaling import KernelRescaling, rescale_kernel
+from ddmpi.models.cnn import build_cnn, count_parameters
+from ddmpi.models.rescaling import KernelRescaling, rescale_kernel
 
 
 def _conv(dims):

@@ -1,6 +1,6 @@
 """Kernel rescaling in the full decomposed pipeline under MPI (and two serial loop checks).
 
-A tiny ``ddmpi.train.run_train`` on the real scikit-learn digits (8x8), 2x2 grid with overlap 1
+A tiny ``ddmpi.strategies.cnn_dnn.run_train`` on the real scikit-learn digits (8x8), 2x2 grid with overlap 1
 (5x5 sub-images, 3x3 in the low-resolution phase), every local CNN switching from 1/2 to full
 resolution after 2 of 3 epochs:
 
@@ -25,12 +25,12 @@ from conftest import DIGITS_CNN
 from helpers import assert_all
 from mpi4py import MPI
 
-from ddmpi import preemption
-from ddmpi.checkpoint import load_checkpoint
+from ddmpi.training import preemption
+from ddmpi.training.checkpoint import load_checkpoint
 from ddmpi.config import LocalConfig, ModelConfig, RescalingConfig, load_config
-from ddmpi.local_training import Preempted, evaluate, train_local
-from ddmpi.mapping import assign_subdomains
-from ddmpi.train import run_train
+from ddmpi.training.loop import Preempted, evaluate, train_local
+from ddmpi.parallel.mapping import assign_subdomains
+from ddmpi.strategies.cnn_dnn import run_train
 
 EPOCHS, SWITCH = 3, 2
 OVERRIDES = [f"local.epochs={EPOCHS}", "decomposition.grid=[2, 2]", "decomposition.overlap=1",

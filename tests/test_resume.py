@@ -84,13 +84,13 @@ def test_rank_killed_by_signal_ends_the_job(tmp_path):
     script.write_text(
         "import os, signal, sys\n"
         "from mpi4py import MPI\n"
-        "import ddmpi.train\n"
-        "original = ddmpi.train._train_subdomain\n"
+        "import ddmpi.strategies.cnn_dnn\n"
+        "original = ddmpi.strategies.cnn_dnn._train_subdomain\n"
         "def die(*a, **k):\n"
         "    if MPI.COMM_WORLD.rank == 1:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return original(*a, **k)\n"
-        "ddmpi.train._train_subdomain = die\n"
+        "ddmpi.strategies.cnn_dnn._train_subdomain = die\n"
         "from ddmpi.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     cmd, env = mpirun(4, "python", str(script), "train", "--config", "quickstart",

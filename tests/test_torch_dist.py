@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ddmpi import torch_dist
-from ddmpi.torch_dist import TorchDistError, default_backend, rendezvous_address, torch_distributed
+from ddmpi.parallel import torch_dist
+from ddmpi.parallel.torch_dist import TorchDistError, default_backend, rendezvous_address, torch_distributed
 
 
 @pytest.fixture

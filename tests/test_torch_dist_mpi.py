@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from helpers import assert_all
 
-from ddmpi.torch_dist import (init_torch_distributed, new_group_from_comm, split_with_group,
+from ddmpi.parallel.torch_dist import (init_torch_distributed, new_group_from_comm, split_with_group,
                               torch_distributed)
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
@@ -83,7 +83,7 @@ def test_subgroups_match_mpi_sub_communicators(comm):
 
 
 def test_rendezvous_error_on_root_reaches_every_rank(comm, monkeypatch):
-    from ddmpi import torch_dist
+    from ddmpi.parallel import torch_dist
 
     def broken(addr):
         raise OSError("no port for you")

@@ -7,8 +7,8 @@ from helpers import assert_all
 from mpi4py import MPI
 
 from ddmpi.config import load_config
-from ddmpi.mapping import assign_subdomains
-from ddmpi.train import run_train
+from ddmpi.parallel.mapping import assign_subdomains
+from ddmpi.strategies.cnn_dnn import run_train
 
 OVERRIDES = ["local.epochs=2", "decomposition.grid=[2, 2]", "decomposition.overlap=1",
              "local.model.width=8", "coarse.epochs=20", "run.threads_per_rank=1"]

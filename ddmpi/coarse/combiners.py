@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddmpi.models import CoarseDNN
+from ddmpi.models.cnn import CoarseDNN
 
 EPS = 1e-6
 

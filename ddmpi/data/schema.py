@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from ddmpi import __version__
-from ddmpi.atomic import atomic_path
+from ddmpi.data.atomic import atomic_path
 
 FORMAT = "ddmpi-dataset"
 FORMAT_VERSION = 1

@@ -1,7 +1,7 @@
 """``ddmpi predict``: classify new images with a trained run directory.
 
 Ownership: as in training, each rank of ``comm`` evaluates the local CNNs of the subdomains
-:func:`ddmpi.mapping.assign_subdomains` gives it (all of them in a single process); the local
+:func:`ddmpi.parallel.mapping.assign_subdomains` gives it (all of them in a single process); the local
 decisions are gathered to rank 0, which applies the chosen combiner and writes the predictions.
 """
 
@@ -16,15 +16,15 @@ import torch
 
 from data_prep.images import load_image
 from data_prep.nifti import is_nifti, load_volume
-from ddmpi import combiners
-from ddmpi.checkpoint import load_checkpoint
+from ddmpi.coarse import combiners
+from ddmpi.training.checkpoint import load_checkpoint
 from ddmpi.config import load_config
-from ddmpi.decomposition import Decomposition
-from ddmpi.gather import gather_decisions
-from ddmpi.local_training import TensorSource, predict_proba
-from ddmpi.mapping import assign_subdomains
-from ddmpi.models import CoarseDNN, build_cnn
-from ddmpi.schema import DatasetError, open_h5, read_info
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.parallel.gather import gather_decisions
+from ddmpi.training.loop import TensorSource, predict_proba
+from ddmpi.parallel.mapping import assign_subdomains
+from ddmpi.models.cnn import CoarseDNN, build_cnn
+from ddmpi.data.schema import DatasetError, open_h5, read_info
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -124,7 +124,7 @@ def main(args, comm):
         return
     classes = json.loads((Path(args.run_dir) / "dataset.json").read_text())["classes"]
     if args.out:
-        from ddmpi.atomic import write_text
+        from ddmpi.data.atomic import write_text
 
         buffer = io.StringIO()
         write_predictions(buffer, probs, ids, classes)

@@ -8,7 +8,7 @@ Local and global CNNs come from one factory, :func:`build_cnn`. A network is
   width``. For VGG it is the first convolution of the first stage; for ResNet it is the usual
   stem convolution before the residual stages. With ``stem_stride > 1`` the input is first padded
   (edge replication, at the high end of every axis) to a multiple of the stride, so that the stem
-  sees whole ``stride``-blocks; this is what kernel rescaling (:mod:`ddmpi.rescaling`) relies on.
+  sees whole ``stride``-blocks; this is what kernel rescaling (:mod:`ddmpi.models.rescaling`) relies on.
 * **stages**: ``depth`` stages with ``width * 2**i`` channels. VGG: ``convs_per_stage`` convs
   3x3(x3) + BN + ReLU per stage (the stem counts as the first conv of stage 0), a 2x max-pool
   between stages. ResNet: ``blocks_per_stage`` basic residual blocks per stage, the first block
@@ -205,7 +205,7 @@ def build_cnn(family, spatial_dims, in_channels, num_classes, input_shape, depth
     stem_kernel_size : int or per-axis tuple, kernel of the first convolution (default
         ``kernel_size``).
     stem_stride : int or per-axis tuple, stride of the first convolution (default 1). Kernel
-        rescaling (:mod:`ddmpi.rescaling`) builds full-resolution networks with
+        rescaling (:mod:`ddmpi.models.rescaling`) builds full-resolution networks with
         ``stem_kernel_size = s * k`` and ``stem_stride = s``.
     convs_per_stage : VGG only, convolutions per stage (default 2).
     blocks_per_stage : ResNet only, basic residual blocks per stage (default 1).

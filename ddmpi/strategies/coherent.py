@@ -1,14 +1,14 @@
 """Coherent CNN-DNN runs on a prepared data set: from scratch, or by transfer learning from a
 finished decomposed (``ddmpi train``) run, then trained end to end (arXiv 2408.14442).
 
-:func:`run_coherent` is the pipeline around :func:`ddmpi.coherent.train_coherent`: every rank
-reads only the subimages of the subdomains it owns (:func:`ddmpi.reader.load_subdomain`), builds
+:func:`run_coherent` is the pipeline around :func:`ddmpi.models.coherent.train_coherent`: every rank
+reads only the subimages of the subdomains it owns (:func:`ddmpi.data.reader.load_subdomain`), builds
 their local CNNs (``config.local.model``, seeds ``run.seed + s``) and a replica of the coarse DNN
 (``config.coarse``), trains the composition with one loss for ``compare.coherent_epochs``
 epochs (default ``local.epochs``) with the local optimizer settings (``compare.coherent_lr``,
 default ``local.optimizer.lr``) and learning-rate schedule (``local.scheduler`` over the coherent
 epochs, as the local CNNs and the global CNN are trained), keeps the state of the epoch with the
-best validation accuracy (as :func:`ddmpi.local_training.train_local` does) and evaluates it on
+best validation accuracy (as :func:`ddmpi.training.loop.train_local` does) and evaluates it on
 the test split.
 
 Transfer learning (``transfer_from=RUN_DIR``): the local CNNs start from the ``best_model``
@@ -28,14 +28,14 @@ the transfer run then keeps its *last* epoch (``metrics["selection"]`` says whic
 
 Coarse input. In the decomposed CNN-DNN the coarse DNN sees ``log(p + 1e-6)`` of the local
 softmax decisions ``p`` when ``coarse.inputs == "log"`` (the default) and ``p`` when ``"prob"``
-(:func:`ddmpi.combiners.coarse_features`). ``train_coherent`` hands the coarse module the local
+(:func:`ddmpi.coarse.combiners.coarse_features`). ``train_coherent`` hands the coarse module the local
 probabilities; :class:`LogInputs` wraps the coarse DNN with the same ``log(p + 1e-6)``, so a
 transferred coarse DNN sees exactly the kind of input it was trained on (the run's
 ``coarse.inputs``), and the coherent model before fine-tuning predicts what the CNN-DNN predicts
 (checked by tests/test_compare_mpi.py). Runs from scratch use ``config.coarse.inputs`` too.
 
 Ranks: with P <= S ranks for S subdomains, rank r owns the subdomains
-:func:`ddmpi.mapping.assign_subdomains` gives it. With P > S (a hybrid layout for ``ddmpi
+:func:`ddmpi.parallel.mapping.assign_subdomains` gives it. With P > S (a hybrid layout for ``ddmpi
 train``) the coherent model runs on the first S ranks (one subdomain each) and the others wait;
 ``metrics["ranks_used"]`` says so.
 
@@ -56,18 +56,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddmpi import combiners, report
-from ddmpi.atomic import atomic_path
-from ddmpi.checkpoint import load_checkpoint, save_checkpoint
-from ddmpi.coherent import (CoherentCNNDNN, evaluate_coherent, predict_coherent,
+from ddmpi.coarse import combiners
+
+from ddmpi.report import output as report
+from ddmpi.data.atomic import atomic_path
+from ddmpi.training.checkpoint import load_checkpoint, save_checkpoint
+from ddmpi.models.coherent import (CoherentCNNDNN, evaluate_coherent, predict_coherent,
                             train_coherent)
 from ddmpi.config import load_config, to_dict
-from ddmpi.decomposition import Decomposition
-from ddmpi.local_training import make_scheduler
-from ddmpi.mapping import assign_subdomains
-from ddmpi.models import CoarseDNN, build_cnn, count_parameters
-from ddmpi.reader import load_subdomain
-from ddmpi.run_context import (SPLITS, PhaseTimer, collective_check, decomposition_of,
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.training.loop import make_scheduler
+from ddmpi.parallel.mapping import assign_subdomains
+from ddmpi.models.cnn import CoarseDNN, build_cnn, count_parameters
+from ddmpi.data.reader import load_subdomain
+from ddmpi.strategies.context import (SPLITS, PhaseTimer, collective_check, decomposition_of,
                                 metrics_head, open_run)
 
 

@@ -3,9 +3,9 @@
 The yardstick of the decomposed CNN-DNN (Klawonn, Lanser & Weber 2024 compare with the global
 CNN): the same CNN family and depth as the local networks (``config.local.model``), applied to
 the whole image (the decomposition ``[1] * ndim``, subdomain 0), trained with the same optimizer,
-schedule, epochs, batch size and best-state-by-validation rule (:func:`ddmpi.local_training.
+schedule, epochs, batch size and best-state-by-validation rule (:func:`ddmpi.training.loop.
 train_local`), data-parallel over all ranks of ``comm`` with torch ``DistributedDataParallel``
-on a process group built from the MPI job (:func:`ddmpi.torch_dist.torch_distributed`; gloo on
+on a process group built from the MPI job (:func:`ddmpi.parallel.torch_dist.torch_distributed`; gloo on
 CPU, NCCL on GPU; no second launcher).
 
 Width of the global CNN (:func:`global_width`): ``compare.global_width`` if set, else
@@ -54,16 +54,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmpi import combiners, report
-from ddmpi.checkpoint import load_checkpoint, save_checkpoint
+from ddmpi.coarse import combiners
+
+from ddmpi.report import output as report
+from ddmpi.training.checkpoint import load_checkpoint, save_checkpoint
 from ddmpi.config import to_dict
-from ddmpi.decomposition import Decomposition
-from ddmpi.hybrid import GroupDataParallel, average_buffers
-from ddmpi.local_training import TensorSource, predict_proba, train_local
-from ddmpi.models import count_parameters
-from ddmpi.reader import load_subdomain
-from ddmpi.run_context import SPLITS, PhaseTimer, metrics_head, open_run
-from ddmpi.schema import read_info
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.parallel.hybrid import GroupDataParallel, average_buffers
+from ddmpi.training.loop import TensorSource, predict_proba, train_local
+from ddmpi.models.cnn import count_parameters
+from ddmpi.data.reader import load_subdomain
+from ddmpi.strategies.context import SPLITS, PhaseTimer, metrics_head, open_run
+from ddmpi.data.schema import read_info
 
 
 def global_width(config, num_subdomains):
@@ -94,7 +96,7 @@ def load_global(path, split, info=None):
 
 
 class DDPParallel(GroupDataParallel):
-    """:class:`ddmpi.hybrid.GroupDataParallel` with ``ddp=True`` whose replicas stay identical
+    """:class:`ddmpi.parallel.hybrid.GroupDataParallel` with ``ddp=True`` whose replicas stay identical
     in every state: after each optimizer step the floating buffers (BatchNorm running statistics)
     are averaged over the group (one small all-reduce on the torch group), as the non-DDP path
     does. DDP's own buffer broadcast is switched off (it would only copy identical values)."""
@@ -118,7 +120,7 @@ def train_global_ddp(config, comm, build_kwargs, train, val, device, *, amp=Fals
                      checkpoint_path=None, on_epoch=None, log=print, timer=None):
     """Collective over ``comm``: train the global CNN data-parallel with torch DDP.
 
-    ``train``/``val`` are :class:`~ddmpi.local_training.TensorSource` of the full images (the
+    ``train``/``val`` are :class:`~ddmpi.training.loop.TensorSource` of the full images (the
     same on every rank). Builds the torch process group from ``comm`` for the duration of the
     training (phase ``ddp_setup`` of ``timer``: the rendezvous plus a first, throw-away DDP
     wrap, which imports torch's DDP machinery once per process, seconds on a busy CPU; phase
@@ -127,7 +129,7 @@ def train_global_ddp(config, comm, build_kwargs, train, val, device, *, amp=Fals
     """
     import torch.distributed as dist
 
-    from ddmpi.torch_dist import torch_distributed
+    from ddmpi.parallel.torch_dist import torch_distributed
 
     timer = timer or PhaseTimer()
     with contextlib.ExitStack() as stack:

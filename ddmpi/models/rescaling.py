@@ -39,7 +39,7 @@ for smooth inputs.
 
 Variant for 3x3 kernels (the choice made here)
 ----------------------------------------------
-The networks of :mod:`ddmpi.models` use 3x3(x3) kernels throughout; the literal method (every
+The networks of :mod:`ddmpi.models.cnn` use 3x3(x3) kernels throughout; the literal method (every
 kernel learned at size ``k / s`` and stretched to ``k``) would need 1.5x1.5 kernels for ``s = 2``
 and 1x1 kernels (no spatial extent to rescale) for ``s = 3``. As in the paper's experiments,
 where the rescaled layer is the large-kernel, strided *first* layer and every deeper layer sees
@@ -71,7 +71,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-from ddmpi.models import build_cnn
+from ddmpi.models.cnn import build_cnn
 
 __all__ = ["KernelRescaling", "rescale_kernel"]
 

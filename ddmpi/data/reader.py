@@ -1,7 +1,7 @@
 """Per-rank reader of one subdomain of a split of a prepared data set (HDF5 format v1).
 
 A rank never reads whole images, only what its subdomain needs. With the chunk layout of
-:mod:`ddmpi.schema` (each chunk: one spatial tile of about 1/8 of every axis, for a run of
+:mod:`ddmpi.data.schema` (each chunk: one spatial tile of about 1/8 of every axis, for a run of
 samples) that is:
 
 - dense reads (a whole split, or a batch filling at least :data:`SPARSE_FILL` of the chunks it
@@ -14,7 +14,7 @@ samples) that is:
   so HDF5 reads only the selected bytes of each chunk (in small reads).
 
 ``benchmarks/bench_io.py`` measures the bytes. Files are opened read-only without HDF5 file
-locking (:func:`ddmpi.schema.open_h5`), so any number of ranks can read one file.
+locking (:func:`ddmpi.data.schema.open_h5`), so any number of ranks can read one file.
 
 Two ways in:
 
@@ -36,8 +36,8 @@ import h5py
 import numpy as np
 import torch
 
-from ddmpi.decomposition import Decomposition
-from ddmpi.schema import DatasetError, open_h5, read_info
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.data.schema import DatasetError, open_h5, read_info
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_MEMORY_BUDGET", "SubdomainDataset", "load_subdomain",
            "read_subdomain"]
@@ -55,7 +55,7 @@ def _check_split(f, path, split):
 
 def _check_decomposition(path, spatial_shape, decomposition):
     if not isinstance(decomposition, Decomposition):
-        raise TypeError(f"decomposition must be a ddmpi.decomposition.Decomposition, got "
+        raise TypeError(f"decomposition must be a ddmpi.data.decomposition.Decomposition, got "
                         f"{type(decomposition).__name__}")
     if tuple(spatial_shape) != decomposition.image_shape:
         raise DatasetError(f"{path}: images are {'x'.join(map(str, spatial_shape))} but the "
@@ -188,7 +188,7 @@ class SubdomainDataset(torch.utils.data.Dataset):
     their own); ``"auto"`` (default) loads when the subdomain's bytes for this split are at
     most ``memory_budget`` (default 2 GiB).
 
-    Raises :class:`ddmpi.schema.DatasetError` (a ``ValueError``) naming the file for a file that
+    Raises :class:`ddmpi.data.schema.DatasetError` (a ``ValueError``) naming the file for a file that
     is not a ddmpi data set, a missing split, or images whose shape does not match the
     decomposition; ``ValueError`` for a subdomain outside the grid.
     """

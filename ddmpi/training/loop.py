@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddmpi.checkpoint import load_checkpoint, save_checkpoint
-from ddmpi.models import build_cnn
+from ddmpi.training.checkpoint import load_checkpoint, save_checkpoint
+from ddmpi.models.cnn import build_cnn
 
 
 class Preempted(Exception):
@@ -116,7 +116,7 @@ class _Resolution:
         self.rescaler = None
         self.low = False
         if rescaling_cfg is not None and rescaling_cfg.factor > 1:
-            from ddmpi.rescaling import KernelRescaling
+            from ddmpi.models.rescaling import KernelRescaling
 
             self.rescaler = KernelRescaling(rescaling_cfg.factor,
                                             switch_epoch=rescaling_cfg.switch_epoch,
@@ -143,11 +143,11 @@ def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, check
                 resume=False, on_epoch=None, should_stop=None, log=print, parallel=None):
     """Train one CNN; return ``(model with the best state, history, best_epoch)``.
 
-    ``build_kwargs`` go to :func:`ddmpi.models.build_cnn`; ``train``/``val`` provide
+    ``build_kwargs`` go to :func:`ddmpi.models.cnn.build_cnn`; ``train``/``val`` provide
     ``take(indices)`` and ``len``; ``cfg`` is a :class:`~ddmpi.config.LocalConfig`.
     ``on_epoch(record)`` is called after every epoch; ``should_stop()`` is polled after every
     batch and, when true, a mid-epoch checkpoint is written and :class:`Preempted` raised.
-    ``parallel`` (e.g. :class:`ddmpi.hybrid.GroupDataParallel`) trains the model data-parallel
+    ``parallel`` (e.g. :class:`ddmpi.parallel.hybrid.GroupDataParallel`) trains the model data-parallel
     over a group of ranks: every member calls this with the same arguments.
     """
     torch.manual_seed(seed)

@@ -24,7 +24,7 @@ memory), needs no torch.distributed group (no TCP rendezvous, no per-group NCCL 
 no "every rank creates every group in the same order" rule), and gives bitwise-identical sums on
 all members, so replicas stay bitwise identical. On GPUs a torch subgroup can do the same
 reduction without the host copy: pass ``torch_group=`` (from
-:func:`ddmpi.torch_dist.new_group_from_comm`, gloo or NCCL); torch's
+:func:`ddmpi.parallel.torch_dist.new_group_from_comm`, gloo or NCCL); torch's
 ``DistributedDataParallel(model, process_group=torch_group)`` is the overlapping alternative.
 
 Floating buffers (BatchNorm running statistics) are averaged over the group after every step
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddmpi.coherent import _mpi_type, allreduce_mean_grads, broadcast_module
+from ddmpi.models.coherent import _mpi_type, allreduce_mean_grads, broadcast_module
 from ddmpi.config import OptimizerConfig
-from ddmpi.local_training import make_optimizer
+from ddmpi.training.loop import make_optimizer
 
 
 class HybridError(ValueError):
@@ -86,7 +86,7 @@ def form_groups(comm, num_subdomains) -> HybridGroups:
         raise HybridError(f"need at least one subdomain, got {num_subdomains}")
     if size % s_total:
         hint = (" (fewer ranks than subdomains: use the model-parallel layout of "
-                "ddmpi.mapping.assign_subdomains instead)" if size < s_total else "")
+                "ddmpi.parallel.mapping.assign_subdomains instead)" if size < s_total else "")
         raise HybridError(f"hybrid parallelism needs the number of MPI ranks ({size}) to be a "
                           f"multiple of the number of subdomains ({s_total}){hint}")
     replicas = size // s_total
@@ -277,7 +277,7 @@ def train_data_parallel(model, inputs, labels, groups: HybridGroups, *, epochs=1
 
 
 class GroupDataParallel:
-    """Data parallelism of one model over ``group_comm``, as :func:`ddmpi.local_training.train_local`
+    """Data parallelism of one model over ``group_comm``, as :func:`ddmpi.training.loop.train_local`
     uses it (``parallel=``): each replica trains on its shard of every epoch's sample order with
     ``ceil(batch_size / group size)`` samples per step, gradients and BatchNorm buffers averaged
     over the group (mpi4py ``Allreduce``, or ``torch_group`` all-reduce), so the replicas stay

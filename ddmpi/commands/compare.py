@@ -6,12 +6,12 @@
 Strategies (``compare.strategies``, run in this order, each on all P ranks):
 
 * ``global_ddp``: the global CNN on full images, data-parallel with torch DDP
-  (:mod:`ddmpi.baseline`; width rule there);
-* ``cnn_dnn``: the decomposed CNN-DNN of ``ddmpi train`` (:func:`ddmpi.train.run_train`;
+  (:mod:`ddmpi.strategies.global_ddp`; width rule there);
+* ``cnn_dnn``: the decomposed CNN-DNN of ``ddmpi train`` (:func:`ddmpi.strategies.cnn_dnn.run_train`;
   hybrid data-parallel groups when P is a multiple of S > P); its majority vote and averaged
   probabilities come with it and are listed with its wall time;
 * ``coherent``: the coherent CNN-DNN trained end to end from scratch
-  (:mod:`ddmpi.coherent_run`);
+  (:mod:`ddmpi.strategies.coherent`);
 * ``coherent_transfer``: the coherent CNN-DNN initialised from the CNN-DNN just trained (or
   ``compare.transfer_from``), then trained end to end. Its "incl. pretraining" time adds the
   CNN-DNN's wall time when it starts from this job's CNN-DNN.
@@ -44,10 +44,10 @@ import json
 import time
 from pathlib import Path
 
-from ddmpi.atomic import write_text
+from ddmpi.data.atomic import write_text
 from ddmpi.config import COMPARE_STRATEGIES, dump, load_config, to_dict
-from ddmpi.run_context import collective_check
-from ddmpi.rundir import check_writable
+from ddmpi.strategies.context import collective_check
+from ddmpi.strategies.rundir import check_writable
 
 LABELS = {
     "global_ddp": "global CNN (DDP)",
@@ -68,9 +68,9 @@ def _sub_config(config, run_dir):
 
 def run_strategy(name, config, comm, run_dir):
     """Run one strategy in ``run_dir``; return ``(metrics on rank 0 / None, wall seconds)``."""
-    from ddmpi.baseline import run_baseline
-    from ddmpi.coherent_run import run_coherent
-    from ddmpi.train import run_train
+    from ddmpi.strategies.global_ddp import run_baseline
+    from ddmpi.strategies.coherent import run_coherent
+    from ddmpi.strategies.cnn_dnn import run_train
 
     sub = _sub_config(config, run_dir / name)
     comm.Barrier()
@@ -122,7 +122,7 @@ def run_compare(config, comm):
 
 
 def _jsonable(value):
-    from ddmpi.report import _jsonable as convert
+    from ddmpi.report.output import _jsonable as convert
 
     return convert(value)
 
@@ -308,7 +308,7 @@ def format_markdown(comparison):
 
 def plot_comparison(path, comparison):
     """Test accuracy and wall time per strategy, validation accuracy over time."""
-    from ddmpi.report import _pyplot, _save
+    from ddmpi.report.output import _pyplot, _save
 
     plt = _pyplot()
     rows = comparison["rows"]

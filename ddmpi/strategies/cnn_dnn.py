@@ -2,7 +2,7 @@
 
     config -> decomposition -> data -> local training -> gather -> coarse model -> report
 
-Ownership: every rank of ``comm`` owns the subdomains :func:`ddmpi.mapping.assign_subdomains`
+Ownership: every rank of ``comm`` owns the subdomains :func:`ddmpi.parallel.mapping.assign_subdomains`
 gives it, reads only their hyperslabs, trains their local CNNs without any communication, and
 writes their checkpoints and local decisions. Rank 0 alone receives the gathered decisions,
 trains the coarse DNN and writes the report. Every phase leaves files in the run directory that
@@ -17,19 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmpi import combiners, preemption, report
-from ddmpi.atomic import atomic_path
-from ddmpi.checkpoint import load_checkpoint, save_checkpoint
+from ddmpi.coarse import combiners
+
+from ddmpi.training import preemption
+
+from ddmpi.report import output as report
+from ddmpi.data.atomic import atomic_path
+from ddmpi.training.checkpoint import load_checkpoint, save_checkpoint
 from ddmpi.config import ConfigError, load_config, to_dict
-from ddmpi.gather import gather_decisions
-from ddmpi.local_training import Preempted, TensorSource, predict_proba, train_local
-from ddmpi.hybrid import GroupDataParallel, HybridError, form_groups
-from ddmpi.mapping import MappingError, assign_subdomains
-from ddmpi.models import count_parameters
-from ddmpi.progress import Progress
-from ddmpi.reader import load_subdomain
-from ddmpi.run_context import SPLITS, PhaseTimer, decomposition_of, metrics_head, open_run
-from ddmpi.schema import read_labels
+from ddmpi.parallel.gather import gather_decisions
+from ddmpi.training.loop import Preempted, TensorSource, predict_proba, train_local
+from ddmpi.parallel.hybrid import GroupDataParallel, HybridError, form_groups
+from ddmpi.parallel.mapping import MappingError, assign_subdomains
+from ddmpi.models.cnn import count_parameters
+from ddmpi.parallel.progress import Progress
+from ddmpi.data.reader import load_subdomain
+from ddmpi.strategies.context import SPLITS, PhaseTimer, decomposition_of, metrics_head, open_run
+from ddmpi.data.schema import read_labels
 
 
 def resolve_config(config_path, overrides, resume_dir):

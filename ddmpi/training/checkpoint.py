@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from ddmpi.atomic import atomic_path
+from ddmpi.data.atomic import atomic_path
 
 
 def save_checkpoint(path, state):

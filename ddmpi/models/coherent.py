@@ -44,7 +44,7 @@ coarse replicas draw identical dropout masks.
 Usage::
 
     from mpi4py import MPI
-    from ddmpi.mapping import assign_subdomains
+    from ddmpi.parallel.mapping import assign_subdomains
     comm = MPI.COMM_WORLD
     owned = assign_subdomains(S, comm.size)[comm.rank]
     local = {s: build_cnn("vgg", 2, 1, 10, sub_shape) for s in owned}
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddmpi.config import OptimizerConfig
-from ddmpi.local_training import make_optimizer
+from ddmpi.training.loop import make_optimizer
 
 OUTPUTS = ("probabilities", "logits")
 
@@ -186,7 +186,7 @@ class SubdomainLayout:
         if empty:
             raise CoherentError(
                 f"ranks {empty} own no subdomain; run with at most {n} ranks (use "
-                "ddmpi.hybrid for more ranks than subdomains)")
+                "ddmpi.parallel.hybrid for more ranks than subdomains)")
         return cls(n, owners, rank)
 
 

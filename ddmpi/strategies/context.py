@@ -1,8 +1,8 @@
 """What every training command does before its own work: the run directory, per-rank logs,
 the data set's header, the device binding, phase timers and the common head of ``metrics.json``.
 
-``ddmpi train`` (:mod:`ddmpi.train`), the global baseline (:mod:`ddmpi.baseline`) and the
-coherent CNN-DNN (:mod:`ddmpi.coherent_run`) all start with :func:`open_run`, so their run
+``ddmpi train`` (:mod:`ddmpi.strategies.cnn_dnn`), the global baseline (:mod:`ddmpi.strategies.global_ddp`) and the
+coherent CNN-DNN (:mod:`ddmpi.strategies.coherent`) all start with :func:`open_run`, so their run
 directories share one layout (``config.yaml``, ``dataset.json``, ``logs/rank_XXXXX.log``) and
 ``ddmpi predict`` reads any of them.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ddmpi import cluster
-from ddmpi.atomic import write_text
+from ddmpi.parallel import cluster
+from ddmpi.data.atomic import write_text
 from ddmpi.config import ConfigError, dump, to_dict
-from ddmpi.decomposition import Decomposition
-from ddmpi.rundir import check_writable, rank_logger
-from ddmpi.schema import DatasetInfo, read_info
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.strategies.rundir import check_writable, rank_logger
+from ddmpi.data.schema import DatasetInfo, read_info
 
 SPLITS = ("train", "val", "test")
 
@@ -107,7 +107,7 @@ def open_run(config, comm, run_dir, *, keep_stored_config=False) -> RunContext:
 
 
 def decomposition_of(config, info):
-    """The configured :class:`~ddmpi.decomposition.Decomposition` of the data set's images;
+    """The configured :class:`~ddmpi.data.decomposition.Decomposition` of the data set's images;
     a grid that does not fit them is an error naming the config field."""
     grid = config.decomposition.grid
     if len(grid) != info.spatial_dims:

@@ -35,7 +35,7 @@ before initialisation). Master address: ``master_addr`` argument, else the envir
 0's host that is not a loopback. Port: ``master_port``, else ``DDMPI_MASTER_PORT``, else a port
 the kernel reports free on rank 0 (probed by binding port 0 then released; another process could
 take it in the short window before torch binds it, in which case rank 0 raises and the job aborts
-via :mod:`ddmpi.mpi_abort`).
+via :mod:`ddmpi.parallel.abort`).
 """
 
 from __future__ import annotations

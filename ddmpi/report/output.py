@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ddmpi.atomic import atomic_path, write_text
+from ddmpi.data.atomic import atomic_path, write_text
 
 
 def write_metrics(path, metrics):
