@@ -1,15 +1,14 @@
 """Run configuration: typed sections, validation that names the field, ``--set`` overrides.
 
-A configuration is a YAML mapping whose sections mirror the dataclasses below. Every value is
-checked against its declared type up front; unknown keys and wrong types are errors that name the
-dotted field (``local.optimizer.lr``), so a batch job fails in seconds, not after queueing.
+Choices are ``Literal`` types and bounds sit next to the field they constrain (``bounded``);
+unknown keys, wrong types and values out of bounds are errors naming the dotted field.
 """
 
 import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Literal, Optional, Union
 
 import yaml
 
@@ -18,103 +17,132 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names it."""
 
 
+def bounded(default, lo=None, hi=None, *, lo_open=False, hi_open=False, **kwargs):
+    """A dataclass field whose (non-None) value must lie in ``[lo, hi]`` (ends open if asked)."""
+    if callable(default):
+        kwargs["default_factory"] = default
+    else:
+        kwargs["default"] = default
+    return field(metadata={"bounds": (lo, hi, lo_open, hi_open)}, **kwargs)
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation of the whole image before it is cut (off unless a field is set)."""
+    shift: int = bounded(0, 0)              # random shift (pad-and-crop) per axis, pixels/voxels
+    flip_axes: List[int] = field(default_factory=list)  # spatial axes flipped at random (-1: W)
+    brightness: float = bounded(0.0, 0.0, 1.0)  # colour jitter: x + U(-b, b) (normalised units)
+    contrast: float = bounded(0.0, 0.0, 1.0)    # colour jitter: x * U(1 - c, 1 + c)
+
+
 @dataclass
 class DataConfig:
     path: str = ""                      # prepared HDF5 data set (python -m data_prep ...)
-    in_memory: Union[bool, str] = "auto"  # hold each rank's subdomain slices in memory
-    memory_budget_gb: float = 2.0       # "auto": in memory when a rank's slices fit this
+    in_memory: Union[bool, Literal["auto"]] = "auto"  # hold a rank's slices in RAM, or stream
+    memory_budget_gb: float = bounded(2.0, 0.0, lo_open=True)  # "auto": in RAM when they fit
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class DecompositionConfig:
     grid: List[int] = field(default_factory=lambda: [2, 2])  # subdomains per spatial axis
-    overlap: int = 0                    # pixels/voxels past each interior boundary
+    overlap: int = bounded(0, 0)        # pixels/voxels past each interior boundary
 
 
 @dataclass
 class ModelConfig:
-    family: str = "vgg"                 # vgg | resnet
-    depth: int = 2                      # stages
-    width: int = 16                     # channels of the first stage
-    dropout: float = 0.0
+    family: Literal["vgg", "resnet"] = "vgg"
+    depth: int = bounded(2, 1)          # stages
+    width: int = bounded(16, 1)         # channels of the first stage
+    blocks: Optional[List[int]] = None  # conv layers (vgg) / residual blocks (resnet) per stage
+    dropout: float = bounded(0.0, 0.0, 1.0, hi_open=True)
     batchnorm: bool = True
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"                  # adam | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9               # sgd only
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = bounded(1e-3, 0.0, lo_open=True)
+    weight_decay: float = bounded(0.0, 0.0)
+    momentum: float = bounded(0.9, 0.0, 1.0)  # sgd only
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"                # cosine | step | none
-    step_size: int = 10                 # step only
-    gamma: float = 0.1                  # step only
+    name: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = bounded(10, 1)     # step only
+    gamma: float = bounded(0.1, 0.0, lo_open=True)  # step only
 
 
 @dataclass
 class RescalingConfig:
-    factor: int = 1                     # 1: off; s >= 2: start at 1/s resolution
-    switch_epoch: Optional[int] = None  # fixed switch epoch, or
-    patience: Optional[int] = None      # switch when low-res val accuracy stalls this long
+    factor: int = bounded(1, 1)         # 1: off; s >= 2: start at 1/s resolution
+    switch_epoch: Optional[int] = bounded(None, 1)  # fixed switch epoch, or
+    patience: Optional[int] = bounded(None, 1)      # switch when low-res val accuracy stalls
 
 
 @dataclass
 class LocalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = bounded(10, 1)
+    batch_size: int = bounded(64, 1)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    early_stopping_patience: Optional[int] = None  # epochs without val improvement
+    early_stopping_patience: Optional[int] = bounded(None, 1)  # epochs without val improvement
     rescaling: RescalingConfig = field(default_factory=RescalingConfig)
 
 
 @dataclass
 class CoarseConfig:
     hidden: List[int] = field(default_factory=lambda: [64])
-    dropout: float = 0.1
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    train_on: str = "val"               # val | train | train+val: which local decisions train it
-    inputs: str = "log"                 # log | prob: log-probabilities or probabilities as input
+    dropout: float = bounded(0.1, 0.0, 1.0, hi_open=True)
+    epochs: int = bounded(200, 1)
+    batch_size: int = bounded(128, 1)
+    lr: float = bounded(3e-3, 0.0, lo_open=True)
+    weight_decay: float = bounded(1e-4, 0.0)
+    # which local decisions train it: held-out val, train, both, or cross-fitted train + val
+    train_on: Literal["val", "train", "train+val", "crossfit"] = "val"
+    folds: int = bounded(4, 2)          # crossfit: K folds of out-of-fold training decisions
+    fold_epochs: Optional[int] = bounded(None, 1)  # crossfit: epochs per fold (None: local's)
+    inputs: Literal["log", "prob"] = "log"  # log-probabilities or probabilities as input
+    skip: bool = True                   # start from averaged log-probabilities, learn a correction
+    holdout_fraction: float = bounded(0.2, 0.0, 1.0, lo_open=True, hi_open=True)
+    patience: int = bounded(20, 1)      # early stopping on the holdout part (epochs)
+    fallback: bool = True               # use the best combiner on the holdout if it beats the DNN
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/ddmpi"
     seed: int = 0
-    device: str = "auto"                # auto | cpu | cuda
-    threads_per_rank: Union[int, str] = "auto"
-    amp: Union[bool, str] = "auto"      # mixed precision: auto = on for CUDA
-    gather_chunk_mb: int = 64           # largest single Gatherv message
-    log_every: int = 0                  # batches between progress lines (0: per epoch)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads_per_rank: Union[int, Literal["auto"]] = bounded("auto", 1)
+    amp: Union[bool, Literal["auto"]] = "auto"  # bf16 autocast: auto = on for CUDA
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # memory format: auto = on for CUDA 2D
+    compile: bool = False               # torch.compile the CNNs
+    gather_chunk_mb: int = bounded(64, 1)  # largest single Gatherv message
+    tensorboard: bool = False           # per-epoch scalars as TensorBoard events too
 
 
-COMPARE_STRATEGIES = ("global_ddp", "cnn_dnn", "coherent", "coherent_transfer")
+Strategy = Literal["global_ddp", "cnn_dnn", "coherent", "coherent_transfer"]
+COMPARE_STRATEGIES = typing.get_args(Strategy)
 
 
 @dataclass
 class CompareConfig:
-    """``ddmpi compare`` only (ddmpi/compare.py): the strategies run side by side."""
-    strategies: List[str] = field(default_factory=lambda: list(COMPARE_STRATEGIES))
-    global_width: Optional[int] = None  # width of the global CNN; None: from the factor below
-    # global width = round(local.model.width * factor); auto = sqrt(subdomains), so the global
-    # CNN has about as many parameters as all local CNNs together (each local: 1/S of them)
-    global_width_factor: Union[float, str] = "auto"
-    coherent_epochs: Optional[int] = None  # coherent CNN-DNN epochs; None: local.epochs
-    coherent_lr: Optional[float] = None  # coherent CNN-DNN learning rate; None: local lr
-    # transfer learning: local CNNs' lr = coherent lr * factor (1: the same training as from
-    # scratch, only the initialisation differs; < 1: gentler fine-tuning)
-    transfer_lr_factor: float = 1.0
-    transfer_coarse_lr_factor: Optional[float] = None  # coarse DNN's; None: transfer_lr_factor
+    """``ddmpi compare`` only: the strategies run side by side and their baselines."""
+    strategies: List[Strategy] = field(default_factory=lambda: list(COMPARE_STRATEGIES))
+    # global CNN widths: "compute" matches the training FLOPs of all local CNNs together,
+    # "parameters" their parameter count; an integer is an explicit width
+    global_widths: List[Union[int, Literal["compute", "parameters"]]] = field(
+        default_factory=lambda: ["compute", "parameters"])
+    seeds: int = bounded(1, 1)          # every strategy run with run.seed, run.seed + 1, ...
+    coherent_epochs: Optional[int] = bounded(None, 0)  # None: local.epochs
+    coherent_lr: Optional[float] = bounded(None, 0.0, lo_open=True)  # None: local lr
+    transfer_lr_factor: float = bounded(1.0, 0.0, lo_open=True)  # local CNNs' lr when transferred
+    transfer_coarse_lr_factor: Optional[float] = bounded(None, 0.0, lo_open=True)
     transfer_from: Optional[str] = None  # finished decomposed run dir; None: this cnn_dnn run
-    target_accuracy: Optional[float] = None  # time-to-target (val); None: lowest best of all
+    target_accuracy: Optional[float] = bounded(None, 0.0, 1.0, lo_open=True)
 
 
 @dataclass
@@ -125,20 +153,6 @@ class Config:
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
     run: RunConfig = field(default_factory=RunConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
-
-
-CHOICES = {
-    "local.model.family": ("vgg", "resnet"),
-    "local.optimizer.name": ("adam", "adamw", "sgd"),
-    "local.scheduler.name": ("cosine", "step", "none"),
-    "coarse.train_on": ("val", "train", "train+val"),
-    "coarse.inputs": ("log", "prob"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "data.in_memory": (True, False, "auto"),
-    "run.amp": (True, False, "auto"),
-}
-POSITIVE = {"local.epochs", "local.batch_size", "local.model.depth", "local.model.width",
-            "local.rescaling.factor", "coarse.epochs", "coarse.batch_size", "run.gather_chunk_mb"}
 
 
 def load_config(path=None, overrides=()):
@@ -179,10 +193,15 @@ def apply_override(raw, item):
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
 
 
+def override_keys(overrides):
+    """The dotted keys that ``key=value`` overrides set."""
+    return [item.partition("=")[0].strip() for item in overrides]
+
+
 def from_dict(raw):
     """Build a validated :class:`Config` from nested dicts."""
     config = _build(Config, raw, "")
-    _check_values(config)
+    _check_relations(config)
     return config
 
 
@@ -193,6 +212,15 @@ def to_dict(config):
 
 def dump(config):
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def differences(a, b, prefix=""):
+    """``(dotted key, a value, b value)`` for every leaf where the dicts ``a`` and ``b`` differ."""
+    for key in a:
+        if isinstance(a[key], dict):
+            yield from differences(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b.get(key):
+            yield f"{prefix}{key}", a[key], b.get(key)
 
 
 def _build(cls, raw, prefix):
@@ -211,84 +239,72 @@ def _build(cls, raw, prefix):
     for f in dataclasses.fields(cls):
         if f.name in raw:
             values[f.name] = _coerce(hints[f.name], raw[f.name], prefix + f.name)
+            _check_bounds(f, values[f.name], prefix + f.name)
     return cls(**values)
+
+
+def _check_bounds(f, value, name):
+    lo, hi, lo_open, hi_open = f.metadata.get("bounds", (None, None, False, False))
+    if isinstance(value, str) or value is None:
+        return
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"config field '{name}': {value!r} must be {'>' if lo_open else '>='} "
+                          f"{lo}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ConfigError(f"config field '{name}': {value!r} must be {'<' if hi_open else '<='} "
+                          f"{hi}")
 
 
 def _coerce(tp, value, name):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name + ".")
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, name)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(f"config field '{name}': {value!r} is not of type "
-                          f"{_type_name(tp)}")
+            if arg is not type(None):
+                try:
+                    return _coerce(arg, value, name)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"config field '{name}': {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise ConfigError(f"config field '{name}': {value!r} is not one of "
+                          f"{', '.join(map(str, args))}")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    if _matches(tp, value):
+        return float(value) if tp is float else value
     raise ConfigError(f"config field '{name}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _matches(tp, value):
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return tp in (int, str) and isinstance(value, tp)
 
 
 def _type_name(tp):
     if typing.get_origin(tp) is Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
     return getattr(tp, "__name__", str(tp))
 
 
-def _get(config, dotted):
-    node = config
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def _check_values(config):
-    for name, allowed in CHOICES.items():
-        value = _get(config, name)
-        if not any(type(value) is type(a) and value == a for a in allowed):
-            raise ConfigError(f"config field '{name}': {value!r} is not one of "
-                              f"{', '.join(map(str, allowed))}")
-    for name in POSITIVE:
-        if _get(config, name) < 1:
-            raise ConfigError(f"config field '{name}': must be at least 1")
-    if isinstance(config.run.threads_per_rank, str) and config.run.threads_per_rank != "auto":
-        raise ConfigError("config field 'run.threads_per_rank': an integer or 'auto'")
-    if isinstance(config.run.threads_per_rank, int) and config.run.threads_per_rank < 1:
-        raise ConfigError("config field 'run.threads_per_rank': must be at least 1")
+def _check_relations(config):
+    """Checks that involve more than one field (or list items)."""
     grid = config.decomposition.grid
     if len(grid) not in (2, 3) or any(g < 1 for g in grid):
         raise ConfigError(f"config field 'decomposition.grid': expected 2 or 3 positive "
                           f"integers, got {grid}")
-    if config.decomposition.overlap < 0:
-        raise ConfigError("config field 'decomposition.overlap': must be >= 0")
-    for name in ("local.model.dropout", "coarse.dropout"):
-        if not 0 <= _get(config, name) < 1:
-            raise ConfigError(f"config field '{name}': must be in [0, 1)")
-    for name in ("local.optimizer.lr", "coarse.lr"):
-        if _get(config, name) <= 0:
-            raise ConfigError(f"config field '{name}': must be positive")
     if not config.data.path:
         raise ConfigError("config field 'data.path': required (a data set prepared with "
                           "'python -m data_prep')")
@@ -296,31 +312,22 @@ def _check_values(config):
     if resc.factor > 1 and resc.switch_epoch is None and resc.patience is None:
         raise ConfigError("config field 'local.rescaling': with factor > 1 give switch_epoch "
                           "or patience")
+    blocks = config.local.model.blocks
+    if blocks is not None and (len(blocks) != config.local.model.depth or min(blocks) < 1):
+        raise ConfigError(f"config field 'local.model.blocks': {blocks} needs one positive "
+                          f"count per stage (local.model.depth = {config.local.model.depth})")
+    if any(h < 1 for h in config.coarse.hidden):
+        raise ConfigError("config field 'coarse.hidden': layer sizes must be at least 1")
     _check_compare(config.compare)
 
 
 def _check_compare(cmp):
-    """Validate the ``compare`` section (used by ``ddmpi compare`` only)."""
-    unknown = [s for s in cmp.strategies if s not in COMPARE_STRATEGIES]
-    if unknown or not cmp.strategies or len(set(cmp.strategies)) != len(cmp.strategies):
+    if not cmp.strategies or len(set(cmp.strategies)) != len(cmp.strategies):
         raise ConfigError(f"config field 'compare.strategies': {cmp.strategies} must be distinct "
                           f"names out of {', '.join(COMPARE_STRATEGIES)}")
     if ("coherent_transfer" in cmp.strategies and "cnn_dnn" not in cmp.strategies
             and not cmp.transfer_from):
         raise ConfigError("config field 'compare.strategies': coherent_transfer needs cnn_dnn "
                           "(or compare.transfer_from, a finished 'ddmpi train' run directory)")
-    if isinstance(cmp.global_width_factor, str) and cmp.global_width_factor != "auto":
-        raise ConfigError("config field 'compare.global_width_factor': a number or 'auto'")
-    if not isinstance(cmp.global_width_factor, str) and cmp.global_width_factor <= 0:
-        raise ConfigError("config field 'compare.global_width_factor': must be positive")
-    for name in ("global_width", "coherent_epochs"):
-        value = getattr(cmp, name)
-        if value is not None and value < (1 if name == "global_width" else 0):
-            raise ConfigError(f"config field 'compare.{name}': must be at least "
-                              f"{1 if name == 'global_width' else 0}")
-    for name in ("coherent_lr", "transfer_lr_factor", "transfer_coarse_lr_factor"):
-        value = getattr(cmp, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"config field 'compare.{name}': must be positive")
-    if cmp.target_accuracy is not None and not 0 < cmp.target_accuracy <= 1:
-        raise ConfigError("config field 'compare.target_accuracy': must be in (0, 1]")
+    if any(isinstance(w, int) and w < 1 for w in cmp.global_widths):
+        raise ConfigError("config field 'compare.global_widths': widths must be at least 1")
