@@ -11,18 +11,21 @@ import sys
 from ddmpi import __version__
 
 
+RESUME_IF_POSSIBLE = "<run.dir>"  # --resume without RUN_DIR: the configured run.dir, if any
+
+
 def _user_errors():
     from ddmpi.config import ConfigError
-    from ddmpi.parallel.mapping import MappingError
-    from ddmpi.strategies.rundir import RunDirError
     from ddmpi.data.schema import DatasetError
+    from ddmpi.parallel.layout import MappingError
+    from ddmpi.strategies.coherent import TransferError
+    from ddmpi.strategies.rundir import RunDirError
 
-    return (ConfigError, DatasetError, MappingError, RunDirError, FileNotFoundError)
+    return (ConfigError, DatasetError, MappingError, RunDirError, TransferError,
+            FileNotFoundError)
 
 
 def build_parser():
-    from ddmpi.strategies.cnn_dnn import RESUME_IF_POSSIBLE
-
     parser = argparse.ArgumentParser(
         prog="ddmpi", description="Domain-decomposition training of CNN image classifiers "
         "under MPI: local CNNs per subdomain, coarse DNN on rank 0.")
@@ -50,8 +53,10 @@ def build_parser():
     predict.add_argument("run_dir", help="run directory written by 'ddmpi train'")
     predict.add_argument("inputs", nargs="+", help="HDF5 data set, image files or NIfTI volumes")
     predict.add_argument("--split", default="test", help="split to classify in an HDF5 input")
-    predict.add_argument("--combiner", default="cnn_dnn",
-                         choices=("cnn_dnn", "majority_vote", "average_probabilities"))
+    predict.add_argument("--combiner", default="chosen",
+                         choices=("chosen", "cnn_dnn", "majority_vote", "average_probabilities"),
+                         help="how local decisions are combined (default: the one the run "
+                         "chose on its holdout)")
     predict.add_argument("--out", help="write predictions as CSV (default: print)")
 
     compare = sub.add_parser(
@@ -69,22 +74,22 @@ def build_parser():
     compare.add_argument("--strategies", metavar="LIST",
                          help="comma-separated subset of global_ddp,cnn_dnn,coherent,"
                          "coherent_transfer (overrides compare.strategies)")
+    compare.add_argument("--seeds", type=int, metavar="N",
+                         help="run every strategy with N seeds (overrides compare.seeds)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from mpi4py import MPI
-
     from ddmpi.parallel.abort import run_or_abort
+    from ddmpi.parallel.group import Group
 
-    if args.command == "train":
-        from ddmpi.strategies.cnn_dnn import main as command
-    elif args.command == "compare":
-        from ddmpi.commands.compare import main as command
-    else:
-        from ddmpi.commands.predict import main as command
-    run_or_abort(command, args, MPI.COMM_WORLD, user_error_types=_user_errors())
+    def command(args, world):
+        from importlib import import_module
+
+        import_module(f"ddmpi.commands.{args.command}").main(args, world)
+
+    run_or_abort(command, args, Group.world(), user_error_types=_user_errors())
     return 0
 
 

@@ -1,14 +1,12 @@
-"""Global decisions from local ones: majority vote, averaged probabilities, the coarse DNN.
+"""Cheap global decisions from local ones: majority vote and averaged (log-)probabilities.
+
+The trained coarse model lives in :mod:`ddmpi.coarse.dnn`.
 
 All functions take the gathered local decisions as an array ``probs`` of shape (S, N, K):
 S subdomains, N samples, K classes (softmax probabilities of each local CNN).
 """
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
-from ddmpi.models.cnn import CoarseDNN
 
 EPS = 1e-6
 
@@ -27,53 +25,11 @@ def average_probabilities(probs):
     return probs.mean(0)
 
 
-def coarse_features(probs, inputs="log"):
-    """Input of the coarse DNN: the local decisions concatenated per sample, (N, S*K)."""
-    x = np.log(probs + EPS) if inputs == "log" else probs
-    return np.ascontiguousarray(x.transpose(1, 0, 2).reshape(probs.shape[1], -1), np.float32)
-
-
-def train_coarse(train_probs, train_labels, cfg, *, seed, val_probs=None, val_labels=None,
-                 device="cpu"):
-    """Train the coarse DNN on local decisions; return ``(model, history)``.
-
-    ``cfg`` is a :class:`~ddmpi.config.CoarseConfig`. ``val_probs``/``val_labels``, when given,
-    are only evaluated each epoch for the history (never trained on here).
-    """
-    torch.manual_seed(seed)
-    s, _, k = train_probs.shape
-    model = CoarseDNN(s * k, k, hidden=tuple(cfg.hidden), dropout=cfg.dropout).to(device)
-    x = torch.from_numpy(coarse_features(train_probs, cfg.inputs)).to(device)
-    y = torch.as_tensor(train_labels, dtype=torch.int64, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        total = 0.0
-        for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size):
-            idx = idx.to(device)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        scheduler.step()
-        record = {"epoch": epoch + 1, "train_loss": total / len(y)}
-        if val_probs is not None:
-            record["val_accuracy"] = accuracy(coarse_predict(model, val_probs, cfg.inputs,
-                                                             device).argmax(1), val_labels)
-        history.append(record)
-    return model, history
-
-
-@torch.no_grad()
-def coarse_predict(model, probs, inputs="log", device="cpu"):
-    """Global class probabilities (N, K) of the coarse DNN."""
-    model.eval()
-    x = torch.from_numpy(coarse_features(probs, inputs)).to(device)
-    return torch.softmax(model(x), dim=1).cpu().numpy()
+def average_log_probabilities(probs):
+    """Normalised exp of the mean local log-probability (geometric mean), (N, K)."""
+    logits = np.log(np.asarray(probs, dtype=np.float64) + EPS).mean(0)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
 
 
 def accuracy(predictions, labels):

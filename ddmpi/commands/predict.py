@@ -1,8 +1,7 @@
-"""``ddmpi predict``: classify new images with a trained run directory.
+"""``ddmpi predict``: classify new images with a trained run directory (CNN-DNN or coherent).
 
-Ownership: as in training, each rank of ``comm`` evaluates the local CNNs of the subdomains
-:func:`ddmpi.parallel.mapping.assign_subdomains` gives it (all of them in a single process); the local
-decisions are gathered to rank 0, which applies the chosen combiner and writes the predictions.
+Each rank evaluates the local CNNs of its subdomains; rank 0 gathers the decisions, applies
+the combiner and writes the predictions (and, for a labelled HDF5 split, the metrics).
 """
 
 import csv
@@ -14,99 +13,58 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.images import load_image
-from data_prep.nifti import is_nifti, load_volume
-from ddmpi.coarse import combiners
-from ddmpi.training.checkpoint import load_checkpoint
+from ddmpi.coarse.dnn import build_coarse, combine
 from ddmpi.config import load_config
+from ddmpi.data.atomic import write_text
 from ddmpi.data.decomposition import Decomposition
-from ddmpi.parallel.gather import gather_decisions
-from ddmpi.training.loop import TensorSource, predict_proba
-from ddmpi.parallel.mapping import assign_subdomains
-from ddmpi.models.cnn import CoarseDNN, build_cnn
-from ddmpi.data.schema import DatasetError, open_h5, read_info
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".gif"}
-
-
-def load_inputs(inputs, dataset, split):
-    """Images in [0, 1] as (N, C, *spatial) float32 plus an id per image.
-
-    ``inputs``: one ddmpi HDF5 file (its ``split`` is read), or image/NIfTI files, which are
-    preprocessed exactly as the training data set's converter did (size, colour mode, HU window,
-    target shape, from ``dataset["preprocessing"]``).
-    """
-    first = Path(inputs[0])
-    if len(inputs) == 1 and first.suffix in (".h5", ".hdf5"):
-        info = read_info(first)
-        if info.spatial_shape != tuple(dataset["spatial_shape"]) or info.channels != dataset[
-                "channels"]:
-            raise DatasetError(f"{first}: images {info.channels}x{info.spatial_shape} do not "
-                               f"match the trained run's {dataset['channels']}x"
-                               f"{tuple(dataset['spatial_shape'])}")
-        with open_h5(first) as f:
-            if split not in f:
-                raise DatasetError(f"{first}: no split {split!r}")
-            ids = (f[split]["ids"].asstr()[()] if "ids" in f[split]
-                   else [f"{split}:{i}" for i in range(f[split]["labels"].shape[0])])
-            return f[split]["images"][()], list(ids)
-    prep = dataset.get("preprocessing", {})
-    images = []
-    for name in inputs:
-        path = Path(name)
-        if not path.is_file():
-            raise DatasetError(f"{path}: input file not found")
-        if is_nifti(path):
-            images.append(load_volume(path, tuple(dataset["spatial_shape"]), prep.get("window")))
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            mode = "rgb" if dataset["channels"] == 3 else "grey"
-            images.append(load_image(path, tuple(dataset["spatial_shape"]), mode))
-        else:
-            raise DatasetError(f"{path}: unsupported input type (expected .h5, an image file or "
-                               f"a NIfTI volume)")
-    return np.stack(images).astype(np.float32), [str(p) for p in inputs]
+from ddmpi.data.inputs import load_inputs
+from ddmpi.data.schema import DatasetError
+from ddmpi.models.cnn import build_cnn
+from ddmpi.parallel.layout import assign_subdomains
+from ddmpi.report.stats import classification_metrics
+from ddmpi.strategies.rundir import coarse_path, local_path
+from ddmpi.training.checkpoint import load_checkpoint
 
 
-def predict(run_dir, inputs, comm, split="test", combiner="cnn_dnn"):
-    """Class probabilities (N, K) on rank 0 (None elsewhere) and the input ids."""
+def _local_model(run_dir, sub):
+    state = load_checkpoint(local_path(run_dir, sub))
+    if state is None or "best_model" not in state:
+        raise DatasetError(f"{local_path(run_dir, sub)}: missing or unfinished local checkpoint")
+    model = build_cnn(**state["model_config"])
+    model.load_state_dict(state["best_model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(run_dir, inputs, world, split="test", combiner="chosen"):
+    """``(probabilities (N, K) on rank 0 / None, ids, labels or None)``."""
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
     dataset_file = run_dir / "dataset.json"
     if not dataset_file.exists():
         raise DatasetError(f"{dataset_file}: missing; is {run_dir} a finished ddmpi run?")
     dataset = json.loads(dataset_file.read_text())
+    config = load_config(run_dir / "config.yaml")
     decomposition = Decomposition(tuple(dataset["spatial_shape"]), config.decomposition.grid,
                                   config.decomposition.overlap)
-    images, ids = load_inputs(inputs, dataset, split)
-    shape = (-1, len(dataset["mean"])) + (1,) * decomposition.ndim
-    mean = np.reshape(np.asarray(dataset["mean"], np.float32), shape)
-    images = (images - mean) / np.reshape(np.asarray(dataset["std"], np.float32), shape)
-    owned = assign_subdomains(decomposition.num_subdomains, comm.size)[comm.rank]
+    images, ids, labels = load_inputs(inputs, dataset, split)
+    shape = (1, -1) + (1,) * decomposition.ndim
+    images = ((images - np.reshape(np.float32(dataset["mean"]), shape))
+              / np.reshape(np.float32(dataset["std"]), shape))
     local = {}
-    for sub in owned:
-        path = run_dir / "checkpoints" / f"local_{sub:03d}.pt"
-        state = load_checkpoint(path)
-        if state is None or "best_model" not in state:
-            raise DatasetError(f"{path}: missing or unfinished local checkpoint")
-        model = build_cnn(**state["model_config"])
-        model.load_state_dict(state["best_model"])
+    for sub in assign_subdomains(decomposition.num_subdomains, world.size)[world.rank]:
         x = torch.from_numpy(np.ascontiguousarray(decomposition.extract(images, sub)))
-        local[sub] = predict_proba(model, TensorSource(x, torch.zeros(len(x))), torch.device("cpu"))
-    probs = gather_decisions(comm, local, decomposition.num_subdomains)
-    if comm.rank != 0:
-        return None, ids
-    if combiner == "majority_vote":
-        votes = combiners.majority_vote(probs)
-        return np.eye(probs.shape[2], dtype=np.float32)[votes], ids
-    if combiner == "average_probabilities":
-        return combiners.average_probabilities(probs), ids
-    coarse_state = load_checkpoint(run_dir / "checkpoints" / "coarse.pt")
-    if coarse_state is None:
-        raise DatasetError(f"{run_dir / 'checkpoints' / 'coarse.pt'}: missing coarse DNN")
-    coarse = CoarseDNN(coarse_state["in_features"], coarse_state["num_classes"],
-                       hidden=tuple(config.coarse.hidden), dropout=config.coarse.dropout)
-    coarse.load_state_dict(coarse_state["model"])
-    return combiners.coarse_predict(coarse, probs, config.coarse.inputs), ids
+        model = _local_model(run_dir, sub)
+        local[sub] = torch.cat([torch.softmax(model(b), 1) for b in x.split(512)]).numpy()
+    probs = world.gather_decisions(local, decomposition.num_subdomains)
+    if world.rank != 0:
+        return None, ids, labels
+    state = load_checkpoint(coarse_path(run_dir))
+    if state is None:
+        raise DatasetError(f"{coarse_path(run_dir)}: missing coarse checkpoint")
+    name = state["chosen"] if combiner == "chosen" else combiner
+    coarse = build_coarse(state["model_config"])
+    coarse.load_state_dict(state["model"])
+    return combine(name, coarse, probs), ids, labels
 
 
 def write_predictions(stream, probs, ids, classes):
@@ -117,18 +75,22 @@ def write_predictions(stream, probs, ids, classes):
         writer.writerow([name, classes[int(p.argmax())]] + [f"{v:.6f}" for v in p])
 
 
-def main(args, comm):
-    """Entry of ``ddmpi predict`` (arguments parsed by :mod:`ddmpi.cli`)."""
-    probs, ids = predict(args.run_dir, args.inputs, comm, args.split, args.combiner)
-    if comm.rank != 0:
+def main(args, world):
+    """Entry of ``ddmpi predict``."""
+    probs, ids, labels = predict(args.run_dir, args.inputs, world, args.split, args.combiner)
+    if world.rank != 0:
         return
     classes = json.loads((Path(args.run_dir) / "dataset.json").read_text())["classes"]
+    buffer = io.StringIO()
+    write_predictions(buffer, probs, ids, classes)
     if args.out:
-        from ddmpi.data.atomic import write_text
-
-        buffer = io.StringIO()
-        write_predictions(buffer, probs, ids, classes)
         write_text(args.out, buffer.getvalue())
         print(f"wrote {len(ids)} predictions to {args.out}")
     else:
-        write_predictions(sys.stdout, probs, ids, classes)
+        sys.stdout.write(buffer.getvalue())
+    if labels is not None:
+        m = classification_metrics(probs, labels, classes)
+        print(f"accuracy {100 * m['accuracy']:.2f} %, balanced accuracy "
+              f"{100 * m['balanced_accuracy']:.2f} %, ROC AUC {m['roc_auc']:.4f}, majority-class "
+              f"rate {100 * m['majority_class_rate']:.2f} % ({len(labels)} labelled samples)",
+              file=sys.stderr if not args.out else sys.stdout)

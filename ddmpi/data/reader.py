@@ -1,31 +1,7 @@
-"""Per-rank reader of one subdomain of a split of a prepared data set (HDF5 format v1).
+"""Per-rank reading of a box (a tuple of slices) of one split of a prepared data set.
 
-A rank never reads whole images, only what its subdomain needs. With the chunk layout of
-:mod:`ddmpi.data.schema` (each chunk: one spatial tile of about 1/8 of every axis, for a run of
-samples) that is:
-
-- dense reads (a whole split, or a batch filling at least :data:`SPARSE_FILL` of the chunks it
-  touches): every stored chunk whose tile intersects the subdomain, read once, whole, in one
-  read call (``read_direct_chunk``), then cut to the subdomain. This does not depend on HDF5's
-  chunk cache. A chunk is stored at full size even past the end of the data, so the last
-  chunk row of a split may carry padding that is read too;
-- sparse reads (a random batch, a single sample, lazy mode only): an HDF5 hyperslab selection
-  ``images[rows, :, r0:r1, c0:c1]`` (``d0:d1`` in 3D) on a dataset handle without chunk cache,
-  so HDF5 reads only the selected bytes of each chunk (in small reads).
-
-``benchmarks/bench_io.py`` measures the bytes. Files are opened read-only without HDF5 file
-locking (:func:`ddmpi.data.schema.open_h5`), so any number of ranks can read one file.
-
-Two ways in:
-
-- :func:`load_subdomain` reads a split's subdomain into one array (what the training loop
-  uses); :func:`read_subdomain` does the same on an already open ``h5py.File``;
-- :class:`SubdomainDataset`, a torch ``Dataset`` that holds the subdomain in memory when it is
-  small enough, or else opens the file lazily in each process (each DataLoader worker or MPI
-  rank gets its own handle) and reads samples or batches on demand.
-
-Samples are ``(C, h, w)`` or ``(C, d, h, w)`` float32, normalised per channel with the train
-statistics stored in the file: ``(x - mean[c]) / std[c]`` (unless ``normalize=False``).
+How reads map onto chunks (dense whole-chunk reads, sparse hyperslabs) is documented in
+docs/dataset-format.md ("Reading").
 """
 
 import itertools
@@ -37,10 +13,10 @@ import numpy as np
 import torch
 
 from ddmpi.data.decomposition import Decomposition
-from ddmpi.data.schema import DatasetError, open_h5, read_info
+from ddmpi.data.schema import DatasetError, normalization_of, open_h5, read_info
 
-__all__ = ["DEFAULT_BLOCK", "DEFAULT_MEMORY_BUDGET", "SubdomainDataset", "load_subdomain",
-           "read_subdomain"]
+__all__ = ["DEFAULT_BLOCK", "DEFAULT_MEMORY_BUDGET", "SubdomainDataset", "as_box", "load_subdomain",
+           "read_box", "read_box_h5", "read_subdomain"]
 
 DEFAULT_BLOCK = 4096  # samples per block of in-place normalisation / of a fallback hyperslab read
 DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3  # bytes: in_memory="auto" holds a subdomain up to this
@@ -63,9 +39,28 @@ def _check_decomposition(path, spatial_shape, decomposition):
                            f" images")
 
 
-def _stats_shape(values, ndim):
-    """Per-channel statistics shaped to broadcast over (..., C, *spatial)."""
-    return np.asarray(values, dtype=np.float32).reshape((-1,) + (1,) * ndim)
+def as_box(box, spatial_shape, path="<data set>"):
+    """``box`` (slices or ``(start, stop)`` pairs, one per spatial axis) as a tuple of slices,
+    checked against ``spatial_shape``."""
+    try:
+        items = list(box)
+    except TypeError:
+        raise TypeError(f"box must be a tuple of slices, got {box!r}") from None
+    if len(items) != len(spatial_shape):
+        raise DatasetError(f"{path}: box {box!r} has {len(items)} axes, the images "
+                           f"{len(spatial_shape)}")
+    out = []
+    for axis, (item, n) in enumerate(zip(items, spatial_shape)):
+        sl = item if isinstance(item, slice) else slice(*item)
+        if sl.step not in (None, 1):
+            raise DatasetError(f"{path}: box axis {axis}: step {sl.step} is not supported")
+        start, stop, _ = sl.indices(n)
+        if sl.start is not None and sl.start < 0 or sl.stop is not None and sl.stop > n \
+                or stop <= start:
+            raise DatasetError(f"{path}: box axis {axis}: {sl.start}:{sl.stop} is empty or "
+                               f"outside 0:{n}")
+        out.append(slice(start, stop))
+    return tuple(out)
 
 
 def _block_rows(dset, block):
@@ -96,25 +91,27 @@ def _row_groups(rows, per_chunk):
         yield n0, rows[a:b] - n0, slice(int(a), int(b))
 
 
-def _read_rows(dset, rows, slices, block=DEFAULT_BLOCK):
+def _read_rows(dset, rows, slices, block=DEFAULT_BLOCK, count=None):
     """Samples ``rows`` (a step-1 slice, or sorted unique indices) of the region ``slices``
-    of a ``(N, C, *spatial)`` dataset, as a float32 array ``(len(rows), C, *region)``.
+    of a ``(N, C, *spatial)`` dataset, in its stored dtype, ``(len(rows), C, *region)``.
 
-    Reads every stored chunk that intersects the selection exactly once, whole, in one read
-    (``read_direct_chunk``), independently of HDF5's chunk cache and of how the dataset was
-    opened; falls back to block-wise hyperslab reads for a layout where that is not possible.
+    Whole chunks, each once (``read_direct_chunk``), else block-wise hyperslabs.
+    ``count(nbytes)``, if given, is called with the bytes of every read.
     """
     n_rows = (rows.stop - rows.start) if isinstance(rows, slice) else len(rows)
     region = tuple(s.stop - s.start for s in slices)
-    out = np.empty((n_rows, dset.shape[1]) + region, dtype=np.float32)
+    out = np.empty((n_rows, dset.shape[1]) + region, dtype=dset.dtype)
+    slices = tuple(slices)
     if not _whole_chunks_readable(dset):
         if not isinstance(rows, slice):
-            out[...] = dset[(rows, slice(None)) + tuple(slices)]
-            return out
-        step = _block_rows(dset, block)
-        for a in range(rows.start, rows.stop, step):
-            b = min(rows.stop, a + step)
-            out[a - rows.start:b - rows.start] = dset[(slice(a, b), slice(None)) + slices]
+            out[...] = dset[(rows, slice(None)) + slices]
+        else:
+            step = _block_rows(dset, block)
+            for a in range(rows.start, rows.stop, step):
+                b = min(rows.stop, a + step)
+                out[a - rows.start:b - rows.start] = dset[(slice(a, b), slice(None)) + slices]
+        if count is not None:
+            count(out.nbytes)
         return out
     chunks, dtype = dset.chunks, dset.dtype
     tiles = chunks[2:]
@@ -122,6 +119,8 @@ def _read_rows(dset, rows, slices, block=DEFAULT_BLOCK):
     for n0, local, dest in _row_groups(rows, chunks[0]):
         for offsets in itertools.product(*starts):
             _, raw = dset.id.read_direct_chunk((n0, 0) + offsets)
+            if count is not None:
+                count(len(raw))
             chunk = np.frombuffer(raw, dtype=dtype).reshape(chunks)
             src = tuple(slice(max(s.start, o) - o, min(s.stop, o + t) - o)
                         for s, o, t in zip(slices, offsets, tiles))
@@ -131,38 +130,47 @@ def _read_rows(dset, rows, slices, block=DEFAULT_BLOCK):
     return out
 
 
-def read_subdomain(h5file, split, decomposition, subdomain, normalize=True,
-                   block=DEFAULT_BLOCK):
-    """Read one subdomain of all samples of ``split`` from an open h5py file.
-
-    ``h5file``: an open ``h5py.File`` of a ddmpi data set (any driver, e.g. a file object).
-    Returns ``(x, y)``: ``x`` float32 ``(N, C, *subdomain_shape)``, ``y`` int64 ``(N,)``.
-    Reads each stored chunk that intersects the subdomain once, whole (see the module
-    docstring); ``block`` only sizes the in-place normalisation and a fallback hyperslab read.
-    """
+def read_box_h5(h5file, split, box, block=DEFAULT_BLOCK, count=None):
+    """``(x, y)`` of ``box`` for all samples of ``split`` of an open h5py file: ``x`` in the
+    stored dtype ``(N, C, *box_shape)``, ``y`` int64 ``(N,)``."""
     path = getattr(h5file, "filename", "<h5 file>")
     _check_split(h5file, path, split)
     dset = h5file[split]["images"]
-    _check_decomposition(path, dset.shape[2:], decomposition)
-    x = _read_rows(dset, slice(0, dset.shape[0]), decomposition.slices(subdomain), block)
-    if normalize:
-        norm = h5file["normalization"].attrs
-        mean = _stats_shape(norm["mean"], decomposition.ndim)
-        std = _stats_shape(norm["std"], decomposition.ndim)
-        for start in range(0, len(x), max(1, int(block))):  # in place, block-wise
-            xb = x[start:start + block]
-            xb -= mean
-            xb /= std
-    y = np.asarray(h5file[split]["labels"][()], dtype=np.int64)
-    return x, y
+    slices = as_box(box, dset.shape[2:], path)
+    x = _read_rows(dset, slice(0, dset.shape[0]), slices, block, count)
+    return x, np.asarray(h5file[split]["labels"][()], dtype=np.int64)
+
+
+def read_box(path, split, box, block=DEFAULT_BLOCK, count=None):
+    """``(x_stored, y)`` of ``box`` (slices of the image) for all samples of ``split``.
+
+    Validates the file; reads each stored chunk that intersects the box once, whole.
+    """
+    info = read_info(path)
+    if split not in info.splits:
+        raise DatasetError(f"{info.path}: no split {split!r} in this data set "
+                           f"(it has {list(info.splits)})")
+    with open_h5(path) as f:
+        return read_box_h5(f, split, box, block, count)
+
+
+def read_subdomain(h5file, split, decomposition, subdomain, normalize=True,
+                   block=DEFAULT_BLOCK):
+    """One subdomain of all samples of ``split`` of an open h5py file, as float32 ``(x, y)``:
+    normalised with the file's train statistics unless ``normalize=False`` (then in [0, 1])."""
+    path = getattr(h5file, "filename", "<h5 file>")
+    _check_split(h5file, path, split)
+    norm = normalization_of(h5file, path)
+    _check_decomposition(path, h5file[split]["images"].shape[2:], decomposition)
+    x, y = read_box_h5(h5file, split, decomposition.slices(subdomain), block)
+    return (norm.apply(x, block) if normalize else norm.unit(x)), y
 
 
 def load_subdomain(path, split, decomposition, subdomain, normalize=True, block=DEFAULT_BLOCK):
     """Load one subdomain of all samples of ``split`` of the data set at ``path``.
 
-    Returns ``(x, y)`` numpy arrays: ``x`` float32 ``(N, C, *subdomain_shape)`` (normalised
-    with the file's train statistics unless ``normalize=False``), ``y`` int64 ``(N,)``.
-    Use ``torch.from_numpy`` for tensors (no copy).
+    Returns numpy ``(x, y)``: ``x`` float32 ``(N, C, *subdomain_shape)``, normalised unless
+    ``normalize=False`` (then in [0, 1]); ``y`` int64 ``(N,)``.
     """
     info = read_info(path)  # validates the file against the schema
     if split not in info.splits:
@@ -170,8 +178,9 @@ def load_subdomain(path, split, decomposition, subdomain, normalize=True, block=
                            f"(it has {list(info.splits)})")
     _check_decomposition(info.path, info.spatial_shape, decomposition)
     with open_h5(path) as f:
-        return read_subdomain(f, split, decomposition, subdomain, normalize=normalize,
-                              block=block)
+        x, y = read_box_h5(f, split, decomposition.slices(subdomain), block)
+    norm = info.normalization
+    return (norm.apply(x, block) if normalize else norm.unit(x)), y
 
 
 class SubdomainDataset(torch.utils.data.Dataset):
@@ -213,9 +222,7 @@ class SubdomainDataset(torch.utils.data.Dataset):
         self.sample_shape = (self.info.channels,) + decomposition.subdomain_shape(self.index)
         self.num_samples = self.info.splits[split]
         self.nbytes = self.num_samples * int(np.prod(self.sample_shape)) * 4
-        ndim = decomposition.ndim
-        self._mean = _stats_shape(self.info.mean, ndim)
-        self._std = _stats_shape(self.info.std, ndim)
+        self._norm = self.info.normalization
         self.in_memory = bool(in_memory if in_memory != "auto"
                               else self.nbytes <= memory_budget)
         self._h5 = self._images = self._pid = None
@@ -308,12 +315,10 @@ class SubdomainDataset(torch.utils.data.Dataset):
         contiguous = uniq[-1] - uniq[0] + 1 == uniq.size
         rows = slice(int(uniq[0]), int(uniq[-1]) + 1) if contiguous else uniq
         if self._sparse(uniq, images.chunks):  # HDF5 reads only the selected bytes
-            x = np.asarray(images[(rows, slice(None)) + self.slices], dtype=np.float32)
+            x = np.asarray(images[(rows, slice(None)) + self.slices])
         else:  # whole chunks, each once
             x = _read_rows(images, rows, self.slices, self.block)
-        if self.normalize:
-            x -= self._mean
-            x /= self._std
+        x = self._norm.apply(x, self.block) if self.normalize else self._norm.unit(x)
         if not np.array_equal(uniq, idx):
             x = x[inverse.reshape(-1)]
         return torch.from_numpy(np.ascontiguousarray(x)), y

@@ -1,25 +1,6 @@
-"""The ddmpi HDF5 dataset format (version 1): layout, chunking, atomic writer, validating opener.
+"""The ddmpi HDF5 data set format (versions 1 and 2): layout, chunking, atomic writer, opener.
 
-Layout of one prepared data set (all converters in ``data_prep`` write exactly this)::
-
-    /                    attrs: format="ddmpi-dataset", format_version=1, name, spatial_dims (2|3),
-                                channels, spatial_shape, converter, converter_version, created_utc,
-                                provenance (JSON: sources with sha256, converter options)
-    /classes             (K,) UTF-8 strings, class index -> name
-    /normalization       attrs: mean (C,), std (C,): per-channel statistics of the train images
-    /<split>/images      (N, C, H, W) or (N, C, D, H, W) float32 in [0, 1], chunked (see below)
-    /<split>/labels      (N,) int64 in [0, K)
-    /<split>/groups      optional (N,) UTF-8: group id of each sample (e.g. patient), never
-                         shared between splits when the converter was given a group column
-    /<split>/ids         optional (N,) UTF-8: source of each sample (file name, record index)
-
-``<split>`` is ``train`` (required), ``val`` and ``test``. Images are stored unnormalised in
-[0, 1]; readers apply ``(x - mean) / std`` with the statistics above.
-
-Chunking: every spatial axis is cut into tiles of about 1/8 of its length (at least 4 voxels,
-or the whole axis when shorter), and a chunk holds the same tile of as many samples as fit in
-about 256 KiB. A rank that reads one subdomain of a block of samples therefore touches only the
-tiles that intersect its subdomain: little more than the subdomain's own bytes.
+Layout, storage dtypes and chunking are documented in docs/dataset-format.md.
 """
 
 import datetime
@@ -35,7 +16,10 @@ from ddmpi import __version__
 from ddmpi.data.atomic import atomic_path
 
 FORMAT = "ddmpi-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # v1: float32 images only; v2 adds uint8 storage (attrs storage_dtype, scale)
+STORAGE_DTYPES = ("float32", "uint8")
+UINT8_SCALE = 1 / 255  # a stored uint8 value v stands for v * scale = v / 255 in [0, 1]
 SPLITS = ("train", "val", "test")
 CHUNK_TARGET_BYTES = 256 * 1024
 TILE_FRACTION = 8
@@ -70,24 +54,114 @@ class DatasetInfo:
     std: np.ndarray
     has_groups: bool = False
     attrs: dict = field(default_factory=dict)
+    storage_dtype: str = "float32"  # dtype of the stored images: "float32" or "uint8"
+    scale: float = 1.0  # stored value * scale = image value in [0, 1]
+    version: int = FORMAT_VERSION
 
     @property
     def spatial_dims(self):
         return len(self.spatial_shape)
 
     @property
+    def itemsize(self):
+        """Bytes per stored image value."""
+        return np.dtype(self.storage_dtype).itemsize
+
+    @property
+    def normalization(self):
+        """The :class:`Normalization` that turns stored images into network inputs."""
+        return Normalization(self.mean, self.std, self.scale)
+
+    @property
     def num_classes(self):
         return len(self.classes)
 
 
+class Normalization:
+    """Stored images -> float32 network inputs: ``(x * scale - mean[c]) / std[c]`` per channel.
+
+    A uint8 ``x`` is divided by ``1 / scale`` (255): bit-identical to the float32 file.
+    """
+
+    def __init__(self, mean, std, scale=1.0):
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1)
+        self.scale = float(scale)
+        self.divisor = None if self.scale == 1.0 else float(round(1 / self.scale))
+        self._torch = {}
+
+    def __repr__(self):
+        return (f"Normalization(mean={self.mean.tolist()}, std={self.std.tolist()}, "
+                f"scale={self.scale:.6g})")
+
+    def _shaped(self, ndim):
+        shape = (-1,) + (1,) * ndim
+        return self.mean.reshape(shape), self.std.reshape(shape)
+
+    def unit(self, x):
+        """Stored numpy images as float32 in [0, 1] (a new array unless already float32)."""
+        if self.divisor is None:
+            return np.asarray(x, dtype=np.float32)
+        out = np.asarray(x).astype(np.float32)
+        out /= np.float32(self.divisor)
+        return out
+
+    def apply(self, x, block=4096):
+        """Stored numpy images ``(N, C, *spatial)`` normalised as float32 (in place if float32)."""
+        x = self.unit(x)
+        mean, std = self._shaped(x.ndim - 2)
+        for start in range(0, len(x), max(1, int(block))):
+            xb = x[start:start + block]
+            xb -= mean
+            xb /= std
+        return x
+
+    def apply_torch(self, x, out=None):
+        """Stored torch images ``(B, C, *spatial)`` normalised as float32 on their device."""
+        key = (x.device, x.ndim)
+        if key not in self._torch:
+            import torch
+
+            mean, std = self._shaped(x.ndim - 2)
+            self._torch[key] = (torch.from_numpy(mean).to(x.device),
+                                torch.from_numpy(std).to(x.device))
+        mean, std = self._torch[key]
+        if out is None:
+            out = x.float() if x.dtype != mean.dtype else x.clone()
+        elif out.data_ptr() != x.data_ptr():
+            out.copy_(x)
+        if self.divisor is not None:
+            out.div_(self.divisor)
+        return out.sub_(mean).div_(std)
+
+
+def to_stored(images, storage_dtype):
+    """``images`` (uint8, or float in [0, 1]) in ``storage_dtype``: uint8 holds round(x * 255)."""
+    images = np.asarray(images)
+    if storage_dtype == "uint8":
+        if images.dtype == np.uint8:
+            return images
+        return np.rint(np.asarray(images, dtype=np.float64) * 255).clip(0, 255).astype(np.uint8)
+    if images.dtype == np.uint8:
+        out = images.astype(np.float32)
+        out /= 255
+        return out
+    return np.asarray(images, dtype=np.float32)
+
+
 class DatasetWriter:
-    """Write a data set in the ddmpi format, atomically.
+    """Write a data set in the ddmpi format (version 2), atomically.
 
     Use as a context manager; splits are written with :meth:`write_split`. The file appears at
     ``path`` only when the ``with`` block ends without an exception; otherwise nothing is left.
+    ``dtype`` is the image storage: ``"float32"`` or ``"uint8"`` (round(x * 255)).
     """
 
-    def __init__(self, path, *, name, classes, converter, provenance=None):
+    def __init__(self, path, *, name, classes, converter, provenance=None, dtype="float32"):
+        if dtype not in STORAGE_DTYPES:
+            raise DatasetError(f"{path}: storage dtype {dtype!r} is not one of {STORAGE_DTYPES}")
+        self.dtype = dtype
+        self.scale = UINT8_SCALE if dtype == "uint8" else 1.0
         self.path = Path(path)
         self.name = name
         self.classes = [str(c) for c in classes]
@@ -115,10 +189,10 @@ class DatasetWriter:
         return self._ctx.__exit__(exc_type, exc, tb)
 
     def write_split(self, split, images, labels, groups=None, ids=None):
-        """Write one split: ``images`` (N, C, *spatial) in [0, 1], integer ``labels`` (N,)."""
+        """Write one split: ``images`` (N, C, *spatial) uint8 or in [0, 1], ``labels`` (N,)."""
         if split not in SPLITS:
             raise DatasetError(f"{self.path}: unknown split {split!r}; expected one of {SPLITS}")
-        images = np.asarray(images, dtype=np.float32)
+        images = to_stored(images, self.dtype)
         labels = np.asarray(labels, dtype=np.int64)
         if images.ndim not in (4, 5):
             raise DatasetError(
@@ -139,7 +213,8 @@ class DatasetWriter:
             raise DatasetError(f"{self.path}: split {split!r} is empty")
         grp = self._file.create_group(split)
         grp.create_dataset("images", data=images,
-                           chunks=chunk_shape(len(images), images.shape[1], images.shape[2:]))
+                           chunks=chunk_shape(len(images), images.shape[1], images.shape[2:],
+                                              images.dtype.itemsize))
         grp.create_dataset("labels", data=labels)
         for key, values in (("groups", groups), ("ids", ids)):
             if values is not None:
@@ -153,10 +228,12 @@ class DatasetWriter:
         f = self._file
         if "train" not in f:
             raise DatasetError(f"{self.path}: no train split was written")
-        mean, std = _channel_stats(f["train/images"])
+        mean, std = _channel_stats(f["train/images"], Normalization([0], [1], self.scale))
         f.attrs.update({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "storage_dtype": self.dtype,
+            "scale": self.scale,
             "name": self.name,
             "channels": self._shape[0],
             "spatial_dims": len(self._shape) - 1,
@@ -173,14 +250,14 @@ class DatasetWriter:
         norm.attrs["std"] = std
 
 
-def _channel_stats(images, block=4096):
-    """Per-channel mean and standard deviation of an (N, C, ...) dataset, read in blocks."""
+def _channel_stats(images, norm, block=4096):
+    """Per-channel mean and standard deviation of an (N, C, ...) dataset's [0, 1] values."""
     channels = images.shape[1]
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
     count = 0
     for start in range(0, images.shape[0], block):
-        x = images[start:start + block].astype(np.float64)
+        x = norm.unit(images[start:start + block]).astype(np.float64)
         axes = (0,) + tuple(range(2, x.ndim))
         total += x.sum(axis=axes)
         total_sq += (x * x).sum(axis=axes)
@@ -209,47 +286,102 @@ def read_info(path):
 
 
 def _validate(path, f):
+    path = Path(path)
+
     def fail(msg):
         raise DatasetError(f"{path}: {msg}")
 
     if f.attrs.get("format") != FORMAT:
         fail(f"not a ddmpi data set (attribute 'format' is {f.attrs.get('format')!r}, "
              f"expected {FORMAT!r}); prepare it with 'python -m data_prep'")
-    version = int(f.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        fail(f"format_version {version} is not supported (this ddmpi reads {FORMAT_VERSION})")
+    version = _attr(f, "format_version", int, fail)
+    if version not in READ_VERSIONS:
+        fail(f"format_version {version} is not supported (this ddmpi reads versions "
+             f"{', '.join(map(str, READ_VERSIONS))})")
     for key in ("classes", "normalization", "train"):
         if key not in f:
             fail(f"missing '/{key}'")
+    storage, scale = _storage(f, version, fail)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]]
-    channels = int(f.attrs["channels"])
-    spatial = tuple(int(s) for s in f.attrs["spatial_shape"])
-    splits = {}
-    has_groups = False
-    for split in SPLITS:
-        if split not in f:
-            continue
-        grp = f[split]
-        for key in ("images", "labels"):
-            if key not in grp:
-                fail(f"split '{split}' has no '{key}'")
-        n = grp["images"].shape[0]
-        if grp["images"].shape[1:] != (channels,) + spatial:
-            fail(f"'/{split}/images' has shape {grp['images'].shape}, expected "
-                 f"(N, {channels}, {', '.join(map(str, spatial))})")
-        if grp["labels"].shape != (n,):
-            fail(f"'/{split}/labels' has shape {grp['labels'].shape}, expected ({n},)")
-        has_groups |= "groups" in grp
-        splits[split] = n
-    mean = np.asarray(f["normalization"].attrs["mean"], dtype=np.float32)
-    std = np.asarray(f["normalization"].attrs["std"], dtype=np.float32)
+    channels = _attr(f, "channels", int, fail)
+    spatial = _attr(f, "spatial_shape", lambda v: tuple(int(s) for s in v), fail)
+    sample_shape = (channels,) + spatial
+    splits = {s: _check_split_group(f[s], s, sample_shape, storage, fail)
+              for s in SPLITS if s in f}
+    norm = f["normalization"]
+    mean = _attr(norm, "mean", lambda v: np.asarray(v, dtype=np.float32), fail, "/normalization")
+    std = _attr(norm, "std", lambda v: np.asarray(v, dtype=np.float32), fail, "/normalization")
     if mean.shape != (channels,) or std.shape != (channels,):
         fail(f"normalization statistics must have {channels} entries")
+    if not (np.all(np.isfinite(mean)) and np.all(std > 0)):
+        fail("'/normalization' attributes mean/std must be finite with std > 0")
     return DatasetInfo(path=path, name=str(f.attrs.get("name", path.stem)), classes=classes,
                        channels=channels, spatial_shape=spatial, splits=splits, mean=mean,
-                       std=std, has_groups=has_groups,
+                       std=std, has_groups=any("groups" in f[s] for s in splits),
+                       storage_dtype=storage, scale=scale, version=version,
                        attrs={k: (v.tolist() if hasattr(v, "tolist") else v)
                               for k, v in f.attrs.items()})
+
+
+def _attr(obj, name, convert, fail, where="/"):
+    """Attribute ``name`` of ``obj`` converted, or a failure naming it."""
+    try:
+        return convert(obj.attrs[name])
+    except (KeyError, TypeError, ValueError) as err:
+        fail(f"attribute {name!r} of '{where}' is missing or invalid ({err})")
+
+
+def _check_split_group(grp, split, sample_shape, storage, fail):
+    """Number of samples of one split group, after checking its datasets."""
+    for key in ("images", "labels"):
+        if key not in grp:
+            fail(f"split '{split}' has no '{key}'")
+    images, labels = grp["images"], grp["labels"]
+    n = images.shape[0] if images.ndim else 0
+    if images.shape[1:] != sample_shape:
+        fail(f"'/{split}/images' has shape {images.shape}, expected "
+             f"(N, {', '.join(map(str, sample_shape))})")
+    if images.dtype != np.dtype(storage):
+        fail(f"'/{split}/images' has dtype {images.dtype}, but the file's storage_dtype "
+             f"is {storage!r}")
+    if labels.shape != (n,):
+        fail(f"'/{split}/labels' has shape {labels.shape}, expected ({n},)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        fail(f"'/{split}/labels' has dtype {labels.dtype}, expected integers")
+    return n
+
+
+def normalization_of(f, path=None):
+    """The :class:`Normalization` of an open data set file, from its attributes alone."""
+    path = Path(path or getattr(f, "filename", "<h5 file>"))
+
+    def fail(msg):
+        raise DatasetError(f"{path}: {msg}")
+
+    _, scale = _storage(f, _attr(f, "format_version", int, fail), fail)
+    norm = f["normalization"].attrs
+    return Normalization(norm["mean"], norm["std"], scale)
+
+
+def _storage(f, version, fail):
+    """``(storage_dtype, scale)`` from the root attributes (v1: float32, scale 1)."""
+    if version == 1:
+        return "float32", 1.0
+    storage = f.attrs.get("storage_dtype")
+    storage = storage.decode() if isinstance(storage, bytes) else storage
+    if storage not in STORAGE_DTYPES:
+        fail(f"attribute 'storage_dtype' is {storage!r}, expected one of {STORAGE_DTYPES}")
+    expected = UINT8_SCALE if storage == "uint8" else 1.0
+    try:
+        scale = float(f.attrs.get("scale"))
+    except (TypeError, ValueError):
+        scale = None
+    if scale is None or not math.isclose(scale, expected, rel_tol=1e-9):
+        shown = f.attrs.get("scale")
+        shown = shown.item() if hasattr(shown, "item") else shown
+        fail(f"attribute 'scale' is {shown!r}, expected {expected!r} for "
+             f"{storage} storage")
+    return storage, expected
 
 
 def read_labels(path, split):

@@ -1,32 +1,6 @@
 """Networks of ddmpi: VGG-/ResNet-style CNNs (2D and 3D) and the coarse dense network.
 
-Local and global CNNs come from one factory, :func:`build_cnn`. A network is
-
-    stem -> stages -> head
-
-* **stem**: one convolution (``stem_kernel_size``, ``stem_stride``) + BN + ReLU, ``in_channels ->
-  width``. For VGG it is the first convolution of the first stage; for ResNet it is the usual
-  stem convolution before the residual stages. With ``stem_stride > 1`` the input is first padded
-  (edge replication, at the high end of every axis) to a multiple of the stride, so that the stem
-  sees whole ``stride``-blocks; this is what kernel rescaling (:mod:`ddmpi.models.rescaling`) relies on.
-* **stages**: ``depth`` stages with ``width * 2**i`` channels. VGG: ``convs_per_stage`` convs
-  3x3(x3) + BN + ReLU per stage (the stem counts as the first conv of stage 0), a 2x max-pool
-  between stages. ResNet: ``blocks_per_stage`` basic residual blocks per stage, the first block
-  of stages 1.. strides by 2 (projection shortcut 1x1 conv + BN when the shape changes).
-* **head**: global adaptive average pool -> dropout -> linear -> logits. The head does not depend
-  on the input resolution.
-
-Down-sampling between stages (max-pool for VGG, stride for ResNet) acts per axis and only along
-axes that keep at least 2 voxels (``ceil`` rounding: an axis of length ``n >= 3`` becomes
-``ceil(n / 2)``, shorter axes are left alone). Any input shape with every axis >= 1 therefore
-works: 5x5 sub-images of 8x8 digits, anisotropic 16x16x8 CT crops, single pixels.
-
-Parameters are initialised deterministically from torch's global RNG (Kaiming-normal convs,
-BN weight 1 / bias 0, PyTorch's default for linear layers), so ``torch.manual_seed(s)`` before
-``build_cnn`` gives the same network every time.
-
-Every CNN carries ``model.config``: the keyword arguments that rebuild it with
-``build_cnn(**model.config)`` (store it beside a checkpoint's state dict).
+A CNN is ``stem -> stages -> head``, built by :func:`build_cnn`; see docs/models.md.
 """
 
 import math
@@ -35,16 +9,46 @@ from numbers import Integral
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FAMILIES", "build_cnn", "CNN", "CoarseDNN", "count_parameters"]
+__all__ = ["FAMILIES", "PRESETS", "STEMS", "build_cnn", "preset_kwargs", "scaled_width", "CNN",
+           "CoarseDNN", "count_parameters"]
 
 FAMILIES = ("vgg", "resnet")
+STEMS = ("cifar", "imagenet")
 
 # Options accepted by each family beyond the common arguments of build_cnn, with defaults.
-_COMMON_OPTIONS = {"kernel_size": 3, "stem_kernel_size": None, "stem_stride": 1}
+_COMMON_OPTIONS = {"kernel_size": 3, "stem_kernel_size": None, "stem_stride": None,
+                   "max_width_factor": None}
 _FAMILY_OPTIONS = {
-    "vgg": {"convs_per_stage": 2},
-    "resnet": {"blocks_per_stage": 1},
+    "vgg": {"convs_per_stage": None},
+    "resnet": {"blocks_per_stage": None, "stem": "cifar"},
 }
+_UNIFORM_OPTION = {"vgg": "convs_per_stage", "resnet": "blocks_per_stage"}
+_DEFAULT_REPEATS = {"vgg": 2, "resnet": 1}
+
+# Standard layouts (torchvision's); the caller chooses the width (64 is the standard one).
+PRESETS = {
+    "vgg11": {"family": "vgg", "depth": 5, "blocks": (1, 1, 2, 2, 2), "max_width_factor": 8},
+    "vgg13": {"family": "vgg", "depth": 5, "blocks": (2, 2, 2, 2, 2), "max_width_factor": 8},
+    "vgg16": {"family": "vgg", "depth": 5, "blocks": (2, 2, 3, 3, 3), "max_width_factor": 8},
+    "vgg19": {"family": "vgg", "depth": 5, "blocks": (2, 2, 4, 4, 4), "max_width_factor": 8},
+    "resnet18": {"family": "resnet", "depth": 4, "blocks": (2, 2, 2, 2), "stem": "imagenet"},
+    "resnet34": {"family": "resnet", "depth": 4, "blocks": (3, 4, 6, 3), "stem": "imagenet"},
+}
+
+
+def preset_kwargs(name, **overrides):
+    """``build_cnn`` keyword arguments of preset ``name`` (family, depth, blocks[, stem]),
+    updated by ``overrides`` (e.g. ``stem="cifar"`` for small images)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {**PRESETS[name], **overrides}
+
+
+def scaled_width(width, n_subdomains):
+    """Width of a local CNN for ``n_subdomains`` subdomains: ``round(width / sqrt(S))``, >= 1."""
+    width = _check_int("width", width, 1)
+    n_subdomains = _check_int("n_subdomains", n_subdomains, 1)
+    return max(1, int(round(width / math.sqrt(n_subdomains))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +70,11 @@ def _per_axis(name, value, dims, minimum=1):
     return (_check_int(name, value, minimum),) * dims
 
 
+def _squeeze(values):
+    """A per-axis tuple as one int when all entries agree (the form stored in ``config``)."""
+    return values[0] if len(set(values)) == 1 else values
+
+
 def _conv(dims):
     return nn.Conv2d if dims == 2 else nn.Conv3d
 
@@ -74,6 +83,10 @@ def _norm(dims, channels, batchnorm):
     if not batchnorm:
         return nn.Identity()
     return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+
+
+def _max_pool(dims):
+    return nn.MaxPool2d if dims == 2 else nn.MaxPool3d
 
 
 def _halvable(shape):
@@ -85,12 +98,18 @@ def _halve(shape, factors):
     return tuple(math.ceil(n / f) for n, f in zip(shape, factors))
 
 
+def _stage_width(config, i):
+    """Channels of stage ``i``: ``width * 2**i``, the factor capped at ``max_width_factor``."""
+    cap = config["max_width_factor"]
+    return config["width"] * (2 ** i if cap is None else min(2 ** i, cap))
+
+
 # --------------------------------------------------------------------------------------------
 # building blocks
 
 class Stem(nn.Module):
-    """First convolution (+ BN + ReLU). With stride > 1 the input is edge-padded to a multiple of
-    the stride at the high end of every axis, so every output voxel sees whole stride-blocks."""
+    """Small-image ("cifar") stem: one convolution + BN + ReLU; with stride > 1 the input is
+    first edge-padded at the high end to a multiple of the stride (kernel rescaling needs it)."""
 
     def __init__(self, dims, in_channels, out_channels, kernel_size, stride, batchnorm):
         super().__init__()
@@ -125,6 +144,30 @@ class Stem(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
+class ImageNetStem(nn.Module):
+    """torchvision's ResNet stem: 7x7 conv stride 2 (pad 3) + BN + ReLU + 3x3 max-pool stride 2
+    (pad 1); an axis is strided only while it keeps >= 2 voxels (``input_shape`` decides)."""
+
+    def __init__(self, dims, in_channels, out_channels, input_shape, batchnorm):
+        super().__init__()
+        self.dims = dims
+        self.stride = _halvable(input_shape)
+        self.pool_stride = _halvable(_halve(input_shape, self.stride))
+        self.conv = _conv(dims)(in_channels, out_channels, 7, stride=self.stride, padding=3,
+                                bias=not batchnorm)
+        self.bn = _norm(dims, out_channels, batchnorm)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = _max_pool(dims)(3, stride=self.pool_stride, padding=1)
+
+    def output_shape(self, shape):
+        """Spatial shape after the stem for an input of spatial shape ``shape``."""
+        shape = tuple((n + 6 - 7) // s + 1 for n, s in zip(shape, self.stride))
+        return tuple((n + 2 - 3) // s + 1 for n, s in zip(shape, self.pool_stride))
+
+    def forward(self, x):
+        return self.pool(self.relu(self.bn(self.conv(x))))
+
+
 def _conv_bn_relu(dims, cin, cout, kernel_size, batchnorm):
     return nn.Sequential(
         _conv(dims)(cin, cout, kernel_size, padding=kernel_size // 2, bias=not batchnorm),
@@ -134,7 +177,7 @@ def _conv_bn_relu(dims, cin, cout, kernel_size, batchnorm):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: conv-BN-ReLU-conv-BN + shortcut, ReLU. Projection shortcut (1x1 conv
+    """ResNet basic block: conv-BN-ReLU-conv-BN + shortcut, ReLU; projection shortcut (1x1 conv
     with the block's stride + BN) when channels or spatial shape change."""
 
     def __init__(self, dims, cin, cout, stride, kernel_size, batchnorm):
@@ -162,9 +205,8 @@ class BasicBlock(nn.Module):
 class CNN(nn.Module):
     """A VGG- or ResNet-style classifier; build it with :func:`build_cnn`.
 
-    Attributes: ``stem`` (:class:`Stem`), ``stages`` (``nn.Sequential`` of stages, VGG stages
-    end with a ``pool``), ``head`` (pool, dropout, ``fc``), ``config`` (the ``build_cnn``
-    keyword arguments), ``feature_shapes`` (spatial shape after the stem and after each stage).
+    Attributes: ``stem``, ``stages`` (``nn.Sequential``), ``head`` (pool, dropout, ``fc``),
+    ``config`` (``build_cnn(**config)`` rebuilds it), ``feature_shapes`` (after stem and stages).
     """
 
     def __init__(self, config, stem, stages, head, feature_shapes):
@@ -183,53 +225,48 @@ class CNN(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def build_cnn(family, spatial_dims, in_channels, num_classes, input_shape, depth=2, width=16,
-              dropout=0.0, batchnorm=True, **options):
-    """Build a VGG- or ResNet-style CNN returning logits ``(B, num_classes)``.
+# --------------------------------------------------------------------------------------------
+# argument checking
 
-    Parameters
-    ----------
-    family : {"vgg", "resnet"}
-    spatial_dims : 2 or 3; inputs are ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
-    in_channels, num_classes : int >= 1.
-    input_shape : spatial shape of the inputs (``spatial_dims`` ints >= 1); it decides along
-        which axes and how often the network down-samples (only while an axis keeps >= 2).
-    depth : number of stages (>= 1).
-    width : channels of the first stage, doubled per stage; the width factor that lets a local
-        network carry proportionally fewer parameters than the global one.
-    dropout : dropout probability in [0, 1) before the classifier.
-    batchnorm : BN after every convolution (convolutions then have no bias).
-
-    Family options (all optional):
-    kernel_size : odd int, kernel of the body convolutions (default 3).
-    stem_kernel_size : int or per-axis tuple, kernel of the first convolution (default
-        ``kernel_size``).
-    stem_stride : int or per-axis tuple, stride of the first convolution (default 1). Kernel
-        rescaling (:mod:`ddmpi.models.rescaling`) builds full-resolution networks with
-        ``stem_kernel_size = s * k`` and ``stem_stride = s``.
-    convs_per_stage : VGG only, convolutions per stage (default 2).
-    blocks_per_stage : ResNet only, basic residual blocks per stage (default 1).
-
-    Raises ``ValueError`` naming the offending argument.
-    """
+def _check_common(family, spatial_dims, in_channels, num_classes, input_shape, depth, width,
+                  dropout, batchnorm):
+    """The validated common arguments of :func:`build_cnn` as a ``config`` dict."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    in_channels = _check_int("in_channels", in_channels, 1)
-    num_classes = _check_int("num_classes", num_classes, 1)
     if not isinstance(input_shape, (list, tuple)):
         raise ValueError(f"input_shape must be a sequence of {spatial_dims} ints, "
                          f"got {input_shape!r}")
-    input_shape = _per_axis("input_shape", tuple(input_shape), spatial_dims)
-    depth = _check_int("depth", depth, 1)
-    width = _check_int("width", width, 1)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if not isinstance(batchnorm, bool):
         raise ValueError(f"batchnorm must be true or false, got {batchnorm!r}")
+    return {"family": family, "spatial_dims": spatial_dims,
+            "in_channels": _check_int("in_channels", in_channels, 1),
+            "num_classes": _check_int("num_classes", num_classes, 1),
+            "input_shape": _per_axis("input_shape", tuple(input_shape), spatial_dims),
+            "depth": _check_int("depth", depth, 1), "width": _check_int("width", width, 1),
+            "dropout": float(dropout), "batchnorm": batchnorm}
 
+
+def _check_blocks(family, depth, blocks, uniform):
+    """Per-stage counts from ``blocks`` or the uniform ``convs_per_stage``/``blocks_per_stage``."""
+    name = _UNIFORM_OPTION[family]
+    if blocks is None:
+        repeats = _DEFAULT_REPEATS[family] if uniform is None else uniform
+        return (_check_int(name, repeats, 1),) * depth
+    if uniform is not None:
+        raise ValueError(f"give either blocks or {name}, not both")
+    if not isinstance(blocks, (list, tuple)) or len(blocks) != depth:
+        raise ValueError(f"blocks must be a list of {depth} ints (one per stage, depth={depth}),"
+                         f" got {blocks!r}")
+    return tuple(_check_int("blocks", b, 1) for b in blocks)
+
+
+def _check_options(family, dims, depth, blocks, options):
+    """Validated family options (kernel and stem settings, per-stage counts) as a dict."""
     allowed = {**_COMMON_OPTIONS, **_FAMILY_OPTIONS[family]}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -239,63 +276,105 @@ def build_cnn(family, spatial_dims, in_channels, num_classes, input_shape, depth
     kernel_size = _check_int("kernel_size", opts["kernel_size"], 1)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-    stem_kernel = _per_axis("stem_kernel_size", kernel_size if opts["stem_kernel_size"] is None
-                            else opts["stem_kernel_size"], spatial_dims)
-    stem_stride = _per_axis("stem_stride", opts["stem_stride"], spatial_dims)
-    if family == "vgg":
-        repeats = _check_int("convs_per_stage", opts["convs_per_stage"], 1)
+    cap = opts["max_width_factor"]
+    out = {"kernel_size": kernel_size,
+           "blocks": _check_blocks(family, depth, blocks, opts[_UNIFORM_OPTION[family]]),
+           "max_width_factor": None if cap is None else _check_int("max_width_factor", cap, 1)}
+    stem = opts.get("stem", "cifar")
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+    if stem == "imagenet":
+        if opts["stem_kernel_size"] is not None or opts["stem_stride"] is not None:
+            raise ValueError("stem_kernel_size / stem_stride apply to the 'cifar' stem only, "
+                             "not to stem='imagenet' (7x7, stride 2, max-pool)")
+        out.update(stem_kernel_size=None, stem_stride=None)
     else:
-        repeats = _check_int("blocks_per_stage", opts["blocks_per_stage"], 1)
+        k = kernel_size if opts["stem_kernel_size"] is None else opts["stem_kernel_size"]
+        s = 1 if opts["stem_stride"] is None else opts["stem_stride"]
+        out.update(stem_kernel_size=_squeeze(_per_axis("stem_kernel_size", k, dims)),
+                   stem_stride=_squeeze(_per_axis("stem_stride", s, dims)))
+    if family == "resnet":
+        out["stem"] = stem
+    return out
 
-    config = {"family": family, "spatial_dims": spatial_dims, "in_channels": in_channels,
-              "num_classes": num_classes, "input_shape": input_shape, "depth": depth,
-              "width": width, "dropout": float(dropout), "batchnorm": batchnorm,
-              "kernel_size": kernel_size,
-              "stem_kernel_size": stem_kernel if len(set(stem_kernel)) > 1 else stem_kernel[0],
-              "stem_stride": stem_stride if len(set(stem_stride)) > 1 else stem_stride[0],
-              ("convs_per_stage" if family == "vgg" else "blocks_per_stage"): repeats}
 
-    dims = spatial_dims
-    stem = Stem(dims, in_channels, width, stem_kernel, stem_stride, batchnorm)
-    shape = stem.output_shape(input_shape)
-    if min(shape) < 1:
-        raise ValueError(f"stem_kernel_size {stem_kernel} / stem_stride {stem_stride} leave no "
-                         f"output for input_shape {input_shape}")
-    feature_shapes = [shape]
-    stages = []
-    channels = width
-    for i in range(depth):
-        cout = width * 2 ** i
-        layers = nn.Sequential()
-        if family == "vgg":
-            if i > 0:
-                factors = _halvable(shape)
-                if any(f > 1 for f in factors):
-                    pool = (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(
-                        factors, stride=factors, ceil_mode=True)
-                    layers.add_module("pool", pool)
-                    shape = _halve(shape, factors)
-            n_convs = repeats - 1 if i == 0 else repeats
-            for j in range(n_convs):
-                layers.add_module(f"conv{j}", _conv_bn_relu(dims, channels, cout, kernel_size,
-                                                            batchnorm))
-                channels = cout
-        else:
-            for j in range(repeats):
-                stride = _halvable(shape) if (i > 0 and j == 0) else (1,) * dims
-                layers.add_module(f"block{j}", BasicBlock(dims, channels, cout, stride,
-                                                          kernel_size, batchnorm))
-                shape = _halve(shape, stride)
-                channels = cout
-        stages.append(layers)
-        feature_shapes.append(shape)
+# --------------------------------------------------------------------------------------------
+# assembly
 
+def _make_stem(config):
+    """The stem of ``config`` and the spatial shape after it."""
+    dims, shape = config["spatial_dims"], config["input_shape"]
+    args = (dims, config["in_channels"], config["width"])
+    if config.get("stem") == "imagenet":
+        stem = ImageNetStem(*args, shape, config["batchnorm"])
+    else:
+        kernel = _per_axis("stem_kernel_size", config["stem_kernel_size"], dims)
+        stride = _per_axis("stem_stride", config["stem_stride"], dims)
+        stem = Stem(*args, kernel, stride, config["batchnorm"])
+    out = stem.output_shape(shape)
+    if min(out) < 1:
+        raise ValueError(f"stem_kernel_size {config['stem_kernel_size']} / stem_stride "
+                         f"{config['stem_stride']} leave no output for input_shape {shape}")
+    return stem, out
+
+
+def _vgg_stage(config, i, cin, shape):
+    """Stage ``i``: 2x max-pool (stages 1..) and ``blocks[i]`` convs (stage 0: the stem + rest)."""
+    dims, cout = config["spatial_dims"], _stage_width(config, i)
+    layers = nn.Sequential()
+    factors = _halvable(shape)
+    if i > 0 and any(f > 1 for f in factors):
+        layers.add_module("pool", _max_pool(dims)(factors, stride=factors, ceil_mode=True))
+        shape = _halve(shape, factors)
+    n_convs = config["blocks"][i] - (1 if i == 0 else 0)
+    for j in range(n_convs):
+        layers.add_module(f"conv{j}", _conv_bn_relu(dims, cin, cout, config["kernel_size"],
+                                                    config["batchnorm"]))
+        cin = cout
+    return layers, shape
+
+
+def _resnet_stage(config, i, cin, shape):
+    """Stage ``i``: ``blocks[i]`` basic blocks; the first of stages 1.. strides by 2."""
+    dims, cout = config["spatial_dims"], _stage_width(config, i)
+    layers = nn.Sequential()
+    for j in range(config["blocks"][i]):
+        stride = _halvable(shape) if (i > 0 and j == 0) else (1,) * dims
+        layers.add_module(f"block{j}", BasicBlock(dims, cin, cout, stride, config["kernel_size"],
+                                                  config["batchnorm"]))
+        shape = _halve(shape, stride)
+        cin = cout
+    return layers, shape
+
+
+def _make_head(dims, channels, num_classes, dropout):
     head = nn.Sequential()
     head.add_module("pool", (nn.AdaptiveAvgPool2d if dims == 2 else nn.AdaptiveAvgPool3d)(1))
     head.add_module("flatten", nn.Flatten(1))
     head.add_module("dropout", nn.Dropout(dropout))
     head.add_module("fc", nn.Linear(channels, num_classes))
+    return head
 
+
+def build_cnn(family, spatial_dims, in_channels, num_classes, input_shape, depth=2, width=16,
+              dropout=0.0, batchnorm=True, blocks=None, **options):
+    """Build a VGG- or ResNet-style CNN returning logits ``(B, num_classes)``.
+
+    ``blocks``: per-stage counts (``depth`` ints): VGG conv layers (the stem is the first of
+    stage 0), ResNet basic blocks. Arguments, options and presets: docs/models.md.
+    """
+    config = _check_common(family, spatial_dims, in_channels, num_classes, input_shape, depth,
+                           width, dropout, batchnorm)
+    config.update(_check_options(family, spatial_dims, config["depth"], blocks, options))
+    stem, shape = _make_stem(config)
+    make_stage = _vgg_stage if family == "vgg" else _resnet_stage
+    feature_shapes, stages, channels = [shape], [], config["width"]
+    for i in range(config["depth"]):
+        stage, shape = make_stage(config, i, channels, shape)
+        stages.append(stage)
+        feature_shapes.append(shape)
+        channels = _stage_width(config, i)
+    head = _make_head(spatial_dims, channels, config["num_classes"], config["dropout"])
     model = CNN(config, stem, nn.Sequential(*stages), head, tuple(feature_shapes))
     _init_weights(model)
     return model

@@ -541,15 +541,17 @@ class Binding:
     __str__ = describe
 
 
-def bind_process(comm, device="auto", threads="auto", *, environ=None, num_gpus=None,
+def bind_process(group, device="auto", threads="auto", *, environ=None, num_gpus=None,
                  gpus_per_rank=None, apply=True) -> Binding:
-    """Detect, choose and (with ``apply``) set this rank's device and threads. Collective.
+    """Detect, choose and (with ``apply``) set this rank's device and threads. Collective
+    over ``group`` (a :class:`~ddmpi.parallel.group.Group`, or None for one process).
 
     ``device`` and ``threads`` are the config's ``run.device`` and ``run.threads_per_rank``.
     With ``apply``, sets the thread count (:func:`bind_threads`) and, for CUDA, the current
     CUDA device.
     """
     environ = os.environ if environ is None else environ
+    comm = None if group is None else group.comm
     local_rank, local_size, source = node_local_rank(comm, environ)
     dev = select_device(local_rank, device, num_gpus, local_size=local_size,
                         gpus_per_rank=gpus_per_rank, environ=environ)

@@ -1,9 +1,7 @@
-"""Progress and ETA of all ranks' local epochs, printed by rank 0, without blocking anyone.
+"""Progress and ETA of all ranks' epochs, printed by rank 0, without blocking anyone.
 
-Ownership: :class:`Progress` duplicates the communicator it is given, so its point-to-point
-messages can never match another module's. Ranks other than 0 send one small non-blocking
-message per finished epoch; rank 0 drains them whenever it calls :meth:`poll` (after its own
-epochs) and :meth:`wait_all` (before the gather), and prints one line per update.
+Ranks other than 0 send one small non-blocking message per event on a private duplicate of the
+group; rank 0 drains them after its own epochs and in :meth:`Progress.wait_all`.
 """
 
 import time
@@ -21,31 +19,34 @@ def format_seconds(seconds):
 
 
 class Progress:
-    """Collective: every rank of ``comm`` creates it, reports epochs, and calls ``wait_all``."""
+    """Collective: every rank of ``group`` creates it, reports epochs, and calls ``wait_all``."""
 
-    def __init__(self, comm, total_epochs, printer=print):
-        self.comm = comm.Dup()
-        self.total = total_epochs  # all subdomains' epochs together
+    def __init__(self, group, total_epochs, printer=print):
+        self.comm = group.comm.Dup()
+        self.total = total_epochs
         self.printer = printer
         self.start = time.perf_counter()
         self.done = 0
+        self.resumed = 0  # epochs finished by an earlier run: done, but not part of the rate
         self.finished_ranks = 0
         self.pending = []
 
-    def epoch_done(self, subdomain, record):
-        """Report one finished local epoch (a ``local_training.EpochRecord``)."""
-        msg = ("epoch", subdomain, record.epoch, record.val_accuracy, record.seconds)
+    def epochs_resumed(self, count):
+        """``count`` epochs were finished before this run (``--resume``)."""
+        self._send(("resumed", count))
+
+    def epoch_done(self, name, record):
+        """Report one finished epoch (a ``training.loop.EpochRecord``) of CNN ``name``."""
+        self._send(("epoch", name, record.epoch, record.val_accuracy, record.seconds))
+
+    def rank_done(self, epochs_skipped=0):
+        """This rank has finished (``epochs_skipped``: left out by early stopping)."""
+        self._send(("done", epochs_skipped))
+
+    def _send(self, msg):
         if self.comm.rank == 0:
             self._show(msg)
             self.poll()
-        else:
-            self.pending.append(self.comm.isend(msg, dest=0, tag=TAG))
-
-    def rank_done(self, epochs_skipped=0):
-        """This rank has finished its local training (``epochs_skipped``: early stopping)."""
-        msg = ("done", epochs_skipped)
-        if self.comm.rank == 0:
-            self._show(msg)
         else:
             self.pending.append(self.comm.isend(msg, dest=0, tag=TAG))
 
@@ -64,14 +65,21 @@ class Progress:
         self.comm.Free()
 
     def _show(self, msg):
-        if msg[0] == "done":
+        kind = msg[0]
+        if kind == "done":
             self.finished_ranks += 1
             self.total -= msg[1]
-            return
-        _, sub, epoch, val_acc, seconds = msg
-        self.done += 1
+        elif kind == "resumed":
+            self.done += msg[1]
+            self.resumed += msg[1]
+        else:
+            self.done += 1
+            self.printer(self.line(*msg[1:]))
+
+    def line(self, name, epoch, val_acc, seconds):
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * max(0, self.total - self.done)
-        self.printer(f"[local {self.done}/{self.total} epochs {100 * self.done / self.total:5.1f}%] "
-                     f"subdomain {sub} epoch {epoch}: val acc {val_acc:.4f} ({seconds:.1f}s) "
-                     f"elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}")
+        rate = elapsed / max(1, self.done - self.resumed)
+        eta = rate * max(0, self.total - self.done)
+        return (f"[{self.done}/{self.total} epochs {100 * self.done / max(1, self.total):5.1f}%] "
+                f"{name} epoch {epoch}: val acc {val_acc:.4f} ({seconds:.1f}s) "
+                f"elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}")

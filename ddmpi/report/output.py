@@ -21,6 +21,12 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def save_arrays(path, arrays):
+    """``{name: array}`` as one .npz file, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def results_table(accuracies, title="test accuracy"):
     """A short fixed-width table of ``{name: accuracy}``, best first."""
     width = max(len(name) for name in accuracies)

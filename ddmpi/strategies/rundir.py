@@ -1,4 +1,4 @@
-"""The run directory: created and checked by rank 0 before any work, per-rank logs inside it."""
+"""The run directory: its checks, per-rank logs, and where every file of a run lives."""
 
 import logging
 import shutil
@@ -7,6 +7,24 @@ import uuid
 from pathlib import Path
 
 MIN_FREE_BYTES = 64 << 20
+
+
+def local_path(run_dir, sub, fold=None):
+    """Checkpoint of the local CNN of subdomain ``sub`` (or of its cross-fitting ``fold``)."""
+    tail = "" if fold is None else f"_fold{fold}"
+    return Path(run_dir) / "checkpoints" / f"local_{sub:03d}{tail}.pt"
+
+
+def global_path(run_dir):
+    return Path(run_dir) / "checkpoints" / "global.pt"
+
+
+def coarse_path(run_dir):
+    return Path(run_dir) / "checkpoints" / "coarse.pt"
+
+
+def decisions_path(run_dir, sub):
+    return Path(run_dir) / "decisions" / f"local_{sub:03d}.npz"
 
 
 class RunDirError(ValueError):

@@ -1,4 +1,4 @@
-"""Atomic checkpoint files: a process killed mid-write leaves the previous checkpoint usable."""
+"""Atomic checkpoint files, read back without unpickling code (``weights_only=True``)."""
 
 from pathlib import Path
 
@@ -8,17 +8,21 @@ from ddmpi.data.atomic import atomic_path
 
 
 def save_checkpoint(path, state):
-    """Write ``state`` (a dict of tensors and plain values) to ``path`` atomically."""
+    """Write ``state`` (tensors and plain Python values only) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by :func:`save_checkpoint`; ``None`` if there is none yet."""
+    """Read a checkpoint of tensors and plain values; ``None`` if there is none yet.
+
+    Anything else in the file (a pickled object that could run code) is refused.
+    """
     path = Path(path)
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - report which file is damaged, whatever torch raised
-        raise ValueError(f"{path}: unreadable checkpoint ({err})") from err
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - name the file, whatever torch raised
+        raise ValueError(f"{path}: unreadable or unsafe checkpoint, refused (only tensors and "
+                         f"plain values are loaded): {str(err).splitlines()[0]}") from err

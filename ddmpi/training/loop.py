@@ -1,23 +1,18 @@
-"""The training loop of one CNN on one set of (sub)images: plain, resumable, no communication.
+"""The one training loop: ``train_one_epoch``, ``evaluate``, ``fit`` with epoch hooks.
 
-Every local CNN of a decomposed run is trained by :func:`train_local` on its own rank,
-independently of all others. The loop keeps the best state by validation accuracy, checkpoints
-atomically after every epoch (and mid-epoch when asked to stop, e.g. on preemption), and can be
-resumed from such a checkpoint with bit-identical results on CPU: the sample order of every epoch
-is drawn from ``(seed, epoch)`` alone, and the dropout RNG state travels in the checkpoint.
+Local CNNs, the global CNN and the coherent CNN-DNN all train here. A batch's inputs are a
+tensor, or ``{subdomain: tensor}`` for the coherent model. Loss and accuracy accumulate on the
+device; the host synchronises once per epoch.
 """
 
 import contextlib
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-from ddmpi.training.checkpoint import load_checkpoint, save_checkpoint
-from ddmpi.models.cnn import build_cnn
 
 
 class Preempted(Exception):
@@ -36,236 +31,214 @@ class EpochRecord:
     resolution: str = "full"
 
 
-class TensorSource:
-    """Samples held in memory: ``take(indices)`` returns the (x, y) batch."""
+@dataclass
+class Trainer:
+    """What the loop and its hooks share: model, optimizer, schedule, position, best state."""
 
-    def __init__(self, x, y, pin=False):
-        self.x = torch.as_tensor(x)
-        self.y = torch.as_tensor(y, dtype=torch.int64)
-        if pin:
-            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    epochs: int
+    epoch: int = 0           # epochs finished
+    batch: int = 0           # batches finished in the current epoch (after a mid-epoch stop)
+    partial: Optional[dict] = None
+    history: List[EpochRecord] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "loss": float("inf"),
+                                                "epoch": 0, "state": None})
+    stop: bool = False       # set by a hook: end training after this epoch
+    resolution: str = "full"  # "1/s" during a kernel-rescaling low-resolution phase
 
-    def __len__(self):
-        return len(self.y)
+    def consider(self, record, force=False):
+        """Keep the model's state if ``record`` beats the best so far (or ``force``)."""
+        if force or (record.val_accuracy, -record.val_loss) > (self.best["accuracy"],
+                                                               -self.best["loss"]):
+            self.best = {"accuracy": record.val_accuracy, "loss": record.val_loss,
+                         "epoch": record.epoch, "state": copy.deepcopy(self.model.state_dict())}
 
-    def take(self, indices):
-        return self.x[indices], self.y[indices]
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "history": [asdict(r) for r in self.history], "best": self.best,
+                "epoch": self.epoch, "batch": self.batch, "partial": self.partial,
+                "finished": self.stop or self.epoch >= self.epochs,
+                "resolution": self.resolution,
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.best, self.epoch = state["best"], state["epoch"]
+        self.batch, self.partial = state["batch"], state["partial"]
+        self.stop = state["finished"] and self.epoch < self.epochs
+        self.resolution = state["resolution"]
+        torch.set_rng_state(state["rng"])
 
 
-def make_optimizer(params, cfg):
-    """Optimizer from an :class:`~ddmpi.config.OptimizerConfig`."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+class Hook:
+    """Called by :func:`fit`; override what you need."""
 
+    def prepare(self, x):
+        """Transform a batch's inputs on the device (e.g. down-sample)."""
+        return x
 
-def make_scheduler(optimizer, cfg, epochs):
-    """Per-epoch learning-rate schedule from a :class:`~ddmpi.config.SchedulerConfig`."""
-    if cfg.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    if cfg.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size,
-                                               gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    def epoch_end(self, trainer, record):
+        """After each epoch's validation; may set ``trainer.stop`` or replace the model."""
 
-
-def epoch_order(n, seed, epoch):
-    """The shuffled sample order of one epoch, a function of (seed, epoch) only."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen)
+    def interrupted(self, trainer):
+        """Training stops mid-epoch (preemption): ``trainer.batch`` batches are done."""
 
 
 def autocast(device, enabled):
-    """Mixed precision (bfloat16) on CUDA when enabled; a no-op context elsewhere."""
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def to_device(x, device, channels_last=False):
+    if isinstance(x, dict):
+        return {k: to_device(v, device, channels_last) for k, v in x.items()}
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@dataclass
+class Step:
+    """How one batch is run: device, precision, batch preparation, data parallelism."""
+
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+    augment: Optional[Callable] = None  # (x, idx, epoch) -> x, training batches only
+    parallel: Optional[object] = None   # ddmpi.parallel.data_parallel.DataParallel
+    hooks: tuple = ()
+
+    def inputs(self, x, idx=None, epoch=None):
+        x = to_device(x, self.device, self.channels_last)
+        if self.augment is not None and epoch is not None:
+            x = self.augment(x, idx.to(self.device), epoch)
+        for hook in self.hooks:
+            x = hook.prepare(x)
+        return x
+
+
+def train_one_epoch(trainer, net, source, order, batch_size, step, poll_stop):
+    """Train over ``order`` from ``trainer.batch`` on; return (loss sum, correct, seen)."""
+    trainer.model.train()
+    sums = trainer.partial or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    loss_sum = torch.zeros((), device=step.device)
+    correct = torch.zeros((), device=step.device, dtype=torch.int64)
+    seen, start = 0, trainer.batch
+    for b, (x, y, idx) in enumerate(source.batches(order[start * batch_size:], batch_size),
+                                    start=start):
+        x = step.inputs(x, idx, trainer.epoch)
+        y = y.to(step.device, non_blocking=True)
+        with autocast(step.device, step.amp):
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step.parallel is not None:
+            step.parallel.after_backward(trainer.model)
+        trainer.optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if poll_stop():
+            trainer.batch = b + 1
+            trainer.partial = _add(sums, loss_sum, correct, seen)
+            return None
+    trainer.batch = 0
+    return _add(sums, loss_sum, correct, seen)
+
+
+def _add(sums, loss_sum, correct, seen):
+    return {"loss": sums["loss"] + float(loss_sum), "correct": sums["correct"] + int(correct),
+            "seen": sums["seen"] + seen, "seconds": sums["seconds"]}
+
+
 @torch.no_grad()
-def predict_proba(model, source, device, batch_size=512, amp=False, transform=None):
-    """Softmax probabilities (N, K) float32 of ``model`` on every sample of ``source``."""
+def predict_proba(model, source, step, batch_size=512, indices=None):
+    """Softmax probabilities (n, K) float32 on the host of ``model`` on ``indices``."""
     model.eval()
+    indices = torch.arange(len(source)) if indices is None else indices
     out = []
-    for start in range(0, len(source), batch_size):
-        x, _ = source.take(torch.arange(start, min(start + batch_size, len(source))))
-        x = x.to(device, non_blocking=True)
-        if transform is not None:
-            x = transform(x)
-        with autocast(device, amp):
-            logits = model(x)
+    for x, _, _ in source.batches(indices, batch_size):
+        with autocast(step.device, step.amp):
+            logits = model(step.inputs(x))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out).numpy()
+    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def evaluate(model, source, device, batch_size=512, amp=False, transform=None):
-    """(mean cross-entropy, accuracy) of ``model`` on ``source``."""
-    probs = predict_proba(model, source, device, batch_size, amp, transform)
-    labels = source.y.numpy() if hasattr(source, "y") else source.take(
-        torch.arange(len(source)))[1].numpy()
-    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()
-    return float(nll), float((probs.argmax(1) == labels).mean())
+def evaluate(model, source, step, batch_size=512):
+    """(mean cross-entropy, accuracy) on all of ``source``; sharded over data-parallel replicas."""
+    indices = torch.arange(len(source))
+    if step.parallel is not None:
+        indices = indices[step.parallel.rank::step.parallel.size]
+    probs = predict_proba(model, source, step, batch_size, indices)
+    labels = source.labels[indices]
+    nll = float(-torch.log(probs[torch.arange(len(labels)), labels].clamp_min(1e-12)).sum()) \
+        if len(labels) else 0.0
+    right = int((probs.argmax(1) == labels).sum()) if len(labels) else 0
+    n = len(labels)
+    if step.parallel is not None:
+        nll, right, n = step.parallel.sum([nll, right, n])
+    return nll / max(n, 1), right / max(n, 1)
 
 
-class _Resolution:
-    """Which resolution the loop trains at: full, or 1/s before a kernel-rescaling switch."""
+def fit(trainer, train, val, step, *, batch_size, seed, should_stop=lambda: False):
+    """Train ``trainer`` to ``trainer.epochs`` (or a hook's stop); leave the best state loaded.
 
-    def __init__(self, rescaling_cfg, build_kwargs):
-        self.rescaler = None
-        self.low = False
-        if rescaling_cfg is not None and rescaling_cfg.factor > 1:
-            from ddmpi.models.rescaling import KernelRescaling
-
-            self.rescaler = KernelRescaling(rescaling_cfg.factor,
-                                            switch_epoch=rescaling_cfg.switch_epoch,
-                                            patience=rescaling_cfg.patience)
-            self.low = True
-        self.build_kwargs = build_kwargs
-
-    def build(self):
-        if self.rescaler is None:
-            return build_cnn(**self.build_kwargs)
-        if self.low:
-            return self.rescaler.build_low_resolution_model(**self.build_kwargs)
-        return self.rescaler.build_full_resolution_model(**self.build_kwargs)
-
-    def transform(self, x):
-        return self.rescaler.downsample(x) if self.low else x
-
-    @property
-    def name(self):
-        return f"1/{self.rescaler.factor}" if self.low else "full"
-
-
-def train_local(build_kwargs, train, val, cfg, *, device, seed, amp=False, checkpoint_path=None,
-                resume=False, on_epoch=None, should_stop=None, log=print, parallel=None):
-    """Train one CNN; return ``(model with the best state, history, best_epoch)``.
-
-    ``build_kwargs`` go to :func:`ddmpi.models.cnn.build_cnn`; ``train``/``val`` provide
-    ``take(indices)`` and ``len``; ``cfg`` is a :class:`~ddmpi.config.LocalConfig`.
-    ``on_epoch(record)`` is called after every epoch; ``should_stop()`` is polled after every
-    batch and, when true, a mid-epoch checkpoint is written and :class:`Preempted` raised.
-    ``parallel`` (e.g. :class:`ddmpi.parallel.hybrid.GroupDataParallel`) trains the model data-parallel
-    over a group of ranks: every member calls this with the same arguments.
+    Raises :class:`Preempted` when ``should_stop()`` turns true on any replica, after the
+    hooks' ``interrupted`` (which checkpoints).
     """
-    torch.manual_seed(seed)
-    resolution = _Resolution(cfg.rescaling, build_kwargs)
-    model = resolution.build().to(device)
-    optimizer = make_optimizer(model.parameters(), cfg.optimizer)
-    scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.epochs)
-    history, best = [], {"accuracy": -1.0, "loss": float("inf"), "epoch": -1, "state": None}
-    start_epoch, skip_batches, partial = 0, 0, None
-
-    state = load_checkpoint(checkpoint_path) if (resume and checkpoint_path) else None
-    if state is not None:
-        if state["low_resolution"] != resolution.low:
-            resolution.low = state["low_resolution"]
-            model = resolution.build().to(device)
-            optimizer = make_optimizer(model.parameters(), cfg.optimizer)
-            scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.epochs)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = [EpochRecord(**r) for r in state["history"]]
-        best = state["best"]
-        start_epoch, skip_batches, partial = state["epoch"], state["batch"], state["partial"]
-        torch.set_rng_state(state["rng"])
-        log(f"resumed at epoch {start_epoch + 1}, batch {skip_batches}")
-        if state.get("finished"):
-            start_epoch = cfg.epochs
-
-    def save(epoch, batch, partial_sums, finished=False):
-        if checkpoint_path is None or (parallel is not None and not parallel.writes_checkpoints):
-            return
-        save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "history": [asdict(r) for r in history],
-            "best": best, "epoch": epoch, "batch": batch, "partial": partial_sums,
-            "rng": torch.get_rng_state(), "low_resolution": resolution.low,
-            "finished": finished, "model_config": model.config})
-
-    bs = cfg.batch_size if parallel is None else parallel.local_batch_size(cfg.batch_size)
-    net = model if parallel is None else parallel.wrap(model)
-    for epoch in range(start_epoch, cfg.epochs):
+    parallel, hooks = step.parallel, step.hooks
+    vote = parallel.stop_vote() if parallel is not None else None
+    poll = (lambda: vote.poll(should_stop())) if vote else should_stop
+    net = parallel.wrap(trainer.model) if parallel is not None else trainer.model
+    while trainer.epoch < trainer.epochs and not trainer.stop:
         t0 = time.perf_counter()
-        model.train()
-        sums = partial or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-        order = epoch_order(len(train), seed, epoch)
+        order = train.epoch_order(seed, trainer.epoch)
         if parallel is not None:
             order = parallel.shard(order)
-        for b, start in enumerate(range(0, len(order), bs)):
-            if b < skip_batches:
-                continue
-            x, y = train.take(order[start:start + bs])
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = resolution.transform(x)
-            with autocast(device, amp):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if parallel is not None:
-                parallel.after_backward(model)
-            optimizer.step()
-            if parallel is not None:
-                parallel.after_step(model)
-            sums["loss"] += loss.item() * len(y)
-            sums["correct"] += int((logits.argmax(1) == y).sum())
-            sums["seen"] += len(y)
-            stop = should_stop is not None and should_stop()
-            if parallel is not None:
-                stop = parallel.any_stop(stop)
-            if stop:
-                sums["seconds"] += time.perf_counter() - t0
-                save(epoch, b + 1, sums)
-                raise Preempted(f"stopped at epoch {epoch + 1}, batch {b + 1}; checkpoint "
-                                f"{checkpoint_path}")
-        skip_batches, partial = 0, None
-        if parallel is not None:  # the epoch's training figures over all replicas' shards
-            sums["loss"], sums["correct"], sums["seen"] = parallel.sum(
-                [sums["loss"], sums["correct"], sums["seen"]])
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        val_loss, val_acc = evaluate(model, val, device, amp=amp, transform=resolution.transform)
-        record = EpochRecord(epoch + 1, sums["loss"] / sums["seen"], sums["correct"] / sums["seen"],
-                             val_loss, val_acc, lr,
-                             sums["seconds"] + time.perf_counter() - t0, resolution.name)
-        history.append(record)
-        if not resolution.low and (val_acc, -val_loss) > (best["accuracy"], -best["loss"]):
-            best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1,
-                    "state": copy.deepcopy(model.state_dict())}
-        if resolution.low and (epoch + 1 == cfg.epochs or resolution.rescaler.should_switch(
-                epoch, [r.val_accuracy for r in history])):
-            # always end at full resolution: callers evaluate the returned model on full inputs
-            model = resolution.rescaler.to_full_resolution(model).to(device)
-            net = model if parallel is None else parallel.wrap(model)
-            resolution.low = False
-            # the switch is exact (full(x) == low(A_s x)): the switched network is the first
-            # full-resolution state, with this epoch's validation figures; early stopping
-            # counts from here
-            best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1,
-                    "state": copy.deepcopy(model.state_dict())}
-            optimizer = _carry_lr(make_optimizer(model.parameters(), cfg.optimizer), optimizer)
-            scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.epochs - epoch - 1)
-            log(f"kernel rescaling: switched to full resolution after epoch {epoch + 1}")
-        stop_early = (cfg.early_stopping_patience is not None and not resolution.low
-                      and epoch + 1 - best["epoch"] > cfg.early_stopping_patience)
-        save(epoch + 1, 0, None, finished=stop_early or epoch + 1 == cfg.epochs)
-        if on_epoch is not None:
-            on_epoch(record)
-        if stop_early:
-            log(f"early stopping after epoch {epoch + 1} (best {best['epoch']})")
-            break
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    return model, history, best["epoch"]
+        local_bs = parallel.local_batch_size(batch_size) if parallel else batch_size
+        model_before = trainer.model
+        sums = train_one_epoch(trainer, net, train, order, local_bs, step, poll)
+        if sums is None:
+            trainer.partial["seconds"] += time.perf_counter() - t0
+            for hook in hooks:
+                hook.interrupted(trainer)
+            raise Preempted(f"stopped at epoch {trainer.epoch + 1}, batch {trainer.batch}")
+        record = _finish_epoch(trainer, val, step, sums, t0)
+        for hook in hooks:
+            hook.epoch_end(trainer, record)  # the checkpoint hook saves the finished epoch
+        if trainer.model is not model_before and parallel is not None:
+            net = parallel.wrap(trainer.model)
+        if (vote.finish(should_stop()) if vote else should_stop()) and not trainer.stop \
+                and trainer.epoch < trainer.epochs:
+            raise Preempted(f"stopped after epoch {trainer.epoch}")
+    if trainer.best["state"] is not None:
+        trainer.model.load_state_dict(trainer.best["state"])
+    return trainer
 
 
-def _carry_lr(new_optimizer, old_optimizer):
-    """Continue the learning rate where the low-resolution phase left it."""
-    for group in new_optimizer.param_groups:
-        group["lr"] = old_optimizer.param_groups[0]["lr"]
-        group["initial_lr"] = group["lr"]
-    return new_optimizer
+def _finish_epoch(trainer, val, step, sums, t0):
+    if step.parallel is not None:
+        step.parallel.epoch_end(trainer.model)
+        sums["loss"], sums["correct"], sums["seen"] = step.parallel.sum(
+            [sums["loss"], sums["correct"], sums["seen"]])
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    trainer.scheduler.step()
+    val_loss, val_acc = evaluate(trainer.model, val, step)
+    trainer.epoch += 1
+    trainer.partial = None
+    record = EpochRecord(trainer.epoch, sums["loss"] / max(sums["seen"], 1),
+                         sums["correct"] / max(sums["seen"], 1), val_loss, val_acc, lr,
+                         sums["seconds"] + time.perf_counter() - t0)
+    trainer.history.append(record)
+    record.resolution = trainer.resolution
+    if trainer.resolution == "full":
+        trainer.consider(record)
+    return record

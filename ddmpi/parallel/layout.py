@@ -1,0 +1,68 @@
+"""Which rank owns which subdomain, and the groups that follow from it.
+
+P <= S ranks: rank r owns the balanced contiguous block ``floor(r*S/P) .. floor((r+1)*S/P)-1``.
+P = k*S ranks (hybrid): k consecutive ranks per subdomain train its CNN data-parallel; the
+group leaders hold the decisions.
+"""
+
+from dataclasses import dataclass
+
+from ddmpi.parallel.group import Group
+
+
+class MappingError(ValueError):
+    """The number of ranks does not fit the number of subdomains."""
+
+
+def assign_subdomains(num_subdomains, num_ranks):
+    """List, per rank, of the subdomain indices it owns (balanced, contiguous, in order)."""
+    if num_ranks < 1 or num_subdomains < 1:
+        raise MappingError("need at least one rank and one subdomain")
+    if num_ranks > num_subdomains:
+        raise MappingError(
+            f"{num_ranks} MPI ranks for {num_subdomains} subdomains: run with at most "
+            f"{num_subdomains} ranks, or a multiple of {num_subdomains} with hybrid "
+            f"parallelism (one data-parallel group per subdomain)")
+    return [list(range(r * num_subdomains // num_ranks, (r + 1) * num_subdomains // num_ranks))
+            for r in range(num_ranks)]
+
+
+def owner_of(subdomain, num_subdomains, num_ranks):
+    """Rank that owns ``subdomain`` under :func:`assign_subdomains`."""
+    for rank, owned in enumerate(assign_subdomains(num_subdomains, num_ranks)):
+        if subdomain in owned:
+            return rank
+    raise MappingError(f"subdomain {subdomain} out of range 0..{num_subdomains - 1}")
+
+
+@dataclass
+class Layout:
+    """This rank's place: its subdomains, its replica group and the decision holders."""
+
+    world: Group
+    num_subdomains: int
+    owned: list      # subdomains whose CNNs this rank trains
+    replicas: Group  # the ranks training the same CNNs (size 1 without hybrid parallelism)
+    owners: Group    # one rank per set of CNNs (the replica leaders); inactive elsewhere
+
+    @property
+    def writes(self):
+        """This rank writes its subdomains' checkpoints and decisions."""
+        return self.owners.active
+
+
+def make_layout(world, num_subdomains):
+    """Collective over ``world``: the layout of ``num_subdomains`` over its ranks."""
+    size, s_total = world.size, num_subdomains
+    if size <= s_total:
+        owned = assign_subdomains(s_total, size)[world.rank]
+        return Layout(world, s_total, owned, Group.single(), world)
+    if size % s_total:
+        raise MappingError(f"hybrid parallelism needs the number of MPI ranks ({size}) to be a "
+                           f"multiple of the number of subdomains ({s_total}): "
+                           f"decomposition.grid")
+    k = size // s_total
+    sub = world.rank // k
+    replicas = world.split(sub)
+    owners = world.split(0 if replicas.rank == 0 else None, key=sub)
+    return Layout(world, s_total, [sub], replicas, owners)

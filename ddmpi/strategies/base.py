@@ -1,0 +1,221 @@
+"""The run skeleton every strategy plugs into, and the one result type ``compare`` reads.
+
+    open run (directory, logs, data set, binding) -> strategy.train() -> preemption point
+    -> strategy.evaluate() -> gather timings -> metrics.json, history.json, scalars, plots
+"""
+
+import json
+import resource
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ddmpi.config import ConfigError, dump, to_dict
+from ddmpi.data.atomic import write_text
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.data.schema import SPLITS, read_info
+from ddmpi.parallel import cluster
+from ddmpi.report import output as report
+from ddmpi.strategies.rundir import check_writable, rank_logger
+from ddmpi.training import preemption
+from ddmpi.training.loop import Preempted, Step
+
+
+@dataclass
+class RunResult:
+    """What any strategy's run produced, as rank 0 reports it."""
+
+    strategy: str
+    combiners: Dict[str, dict]            # name -> test metrics (accuracy, AUC, ...)
+    test_correct: Dict[str, np.ndarray]   # name -> (N,) bool: per-sample test correctness
+    parameters: int                       # all trained parameters of the strategy
+    flops_per_sample: Optional[float]     # training FLOPs (forward + backward) per sample
+    history: Dict[str, List[dict]]        # name -> per-epoch records (with "elapsed")
+    extra: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    timings: Dict[str, dict] = field(default_factory=dict)  # rank -> phase -> seconds
+    peak_memory_mb: Dict[str, float] = field(default_factory=dict)  # rank -> peak RSS/GPU
+
+    def metrics(self):
+        """metrics.json's body (per-sample arrays left out)."""
+        body = asdict(self)
+        body.pop("test_correct")
+        return body
+
+
+class PhaseTimer:
+    """Wall time of named phases on this rank."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, phase):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class RunContext:
+    """One rank's view of an opened run."""
+
+    config: object
+    world: object          # ddmpi.parallel.group.Group
+    run_dir: Path
+    log: object
+    info: object           # ddmpi.data.schema.DatasetInfo
+    binding: object
+    resume: bool
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def device(self):
+        return self.binding.device
+
+    def step(self, **kwargs):
+        """The :class:`~ddmpi.training.loop.Step` of this run's device and precision."""
+        run = self.config.run
+        cuda = self.device.type == "cuda"
+        amp = run.amp is True or (run.amp == "auto" and cuda)
+        channels_last = run.channels_last is True or (
+            run.channels_last == "auto" and cuda and self.info.spatial_dims == 2)
+        return Step(self.device, amp=amp, channels_last=channels_last, **kwargs)
+
+    def decomposition(self):
+        return decomposition_of(self.config, self.info)
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def preemption_point(self):
+        """Collective: leave (checkpoints are on disk) if any rank was signalled."""
+        if self.world.any(preemption.requested()):
+            raise Preempted("signal received between phases")
+
+
+class Strategy(ABC):
+    """One way to train a classifier on the run's data; plugs into :func:`run`."""
+
+    name = "strategy"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    @abstractmethod
+    def train(self):
+        """Train (collective over ``ctx.world``)."""
+
+    @abstractmethod
+    def evaluate(self):
+        """Evaluate on the test split; return a :class:`RunResult` on rank 0, None elsewhere."""
+
+
+def run(strategy_cls, config, world, resume=False):
+    """Run ``strategy_cls`` on the ranks of ``world``; the result on rank 0, None elsewhere."""
+    ctx = open_run(config, world, resume)
+    preemption.install()
+    strategy = strategy_cls(ctx)
+    with ctx.timer("train"):
+        strategy.train()
+    ctx.preemption_point()
+    with ctx.timer("evaluate"):
+        result = strategy.evaluate()
+    timings = world.gather(dict(ctx.timer.seconds))
+    memory = world.gather(peak_memory_mb(ctx.device))
+    if world.rank != 0:
+        return None
+    result.wall_seconds = ctx.elapsed()
+    result.timings = {str(r): t for r, t in enumerate(timings)}
+    result.peak_memory_mb = {str(r): m for r, m in enumerate(memory)}
+    write_outputs(ctx, result)
+    return result
+
+
+def peak_memory_mb(device):
+    """Peak resident memory of this process (and peak CUDA allocation), MiB."""
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak
+
+
+def open_run(config, world, resume=False):
+    """Collective: check the run directory, store the configuration, open this rank's log,
+    read the data set's header, bind device and threads."""
+    run_dir = Path(config.run.dir)
+    error = None
+    if world.rank == 0:
+        try:
+            check_writable(run_dir)
+            if not (resume and (run_dir / "config.yaml").exists()):
+                write_text(run_dir / "config.yaml", dump(config))
+        except (ValueError, OSError) as err:
+            error = err
+    error = world.bcast(error)
+    if error is not None:
+        raise error
+    log = rank_logger(run_dir, world.rank, console=world.rank == 0)
+    info = read_info(config.data.path)
+    missing = [s for s in SPLITS if s not in info.splits]
+    if missing:
+        raise ConfigError(f"config field 'data.path': {info.path} has no {missing[0]!r} split "
+                          f"(it has {list(info.splits)})")
+    binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
+    log.info(str(binding))
+    if world.rank == 0:
+        write_text(run_dir / "dataset.json", json.dumps(dataset_record(info), indent=2))
+    return RunContext(config, world, run_dir, log, info, binding, resume)
+
+
+def dataset_record(info):
+    """What ``ddmpi predict`` needs of the training data: classes, shape, statistics, options."""
+    provenance = json.loads(info.attrs.get("provenance", "{}") or "{}")
+    return {"path": str(info.path), "name": info.name, "classes": info.classes,
+            "channels": info.channels, "spatial_shape": list(info.spatial_shape),
+            "mean": info.mean.tolist(), "std": info.std.tolist(),
+            "preprocessing": provenance.get("options", {}),
+            "converter": info.attrs.get("converter")}
+
+
+def decomposition_of(config, info):
+    """The configured decomposition of the data set's images (errors name the field)."""
+    grid = config.decomposition.grid
+    if len(grid) != info.spatial_dims:
+        raise ConfigError(f"config field 'decomposition.grid': {grid} has {len(grid)} axes, "
+                          f"but {info.path} holds {info.spatial_dims}D images "
+                          f"{info.spatial_shape}")
+    try:
+        return Decomposition(info.spatial_shape, grid, config.decomposition.overlap)
+    except ValueError as err:
+        raise ConfigError(f"config field 'decomposition': {err}") from err
+
+
+def write_outputs(ctx, result):
+    """metrics.json, history.json, per-sample correctness and plots of a finished run."""
+    run_dir, config, info = ctx.run_dir, ctx.config, ctx.info
+    metrics = {"ddmpi_version": __import__("ddmpi").__version__, "config": to_dict(config),
+               "dataset": dataset_record(info), "ranks": ctx.world.size, **result.metrics()}
+    report.write_metrics(run_dir / "metrics.json", metrics)
+    report.write_metrics(run_dir / "history.json", result.history)
+    report.save_arrays(run_dir / "test_correct.npz", result.test_correct)
+    report.plot_training_curves(run_dir / "plots" / "training_curves.png", result.history)
+    report.plot_accuracy_by_combiner(
+        run_dir / "plots" / "accuracy_by_combiner.png",
+        {name: m["accuracy"] for name, m in result.combiners.items()},
+        result.extra.get("local_test_accuracy"))
+    for name, m in result.combiners.items():
+        report.plot_confusion(run_dir / "plots" / f"confusion_{name}.png",
+                              m["confusion_matrix"], info.classes, f"{name} (test)")
+    ctx.log.info("\n" + report.results_table(
+        {name: m["accuracy"] for name, m in result.combiners.items()}))
+    ctx.log.info(f"run directory: {run_dir} ({result.wall_seconds:.1f} s)")

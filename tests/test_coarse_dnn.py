@@ -1,0 +1,165 @@
+"""Coarse model: skip path from averaged log-probabilities, holdout, early stopping, fallback."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from ddmpi.coarse import combiners, dnn
+from ddmpi.config import CoarseConfig
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def informative_one(n, seed, k=5, s=4):
+    """Subdomain 0 is mildly confident and right; the others are confident noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    z = rng.normal(0, 3.0, (s, n, k))
+    z[0] = rng.normal(0, 0.5, (n, k))
+    z[0, np.arange(n), y] += 1.5
+    return _softmax(z), y
+
+
+def few_shot(per_class, seed, k=40, s=4):
+    """Every subdomain is usually right: averaging is near perfect, data per class is tiny."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.repeat(np.arange(k), per_class))
+    z = rng.normal(0, 1.0, (s, len(y), k))
+    z[:, np.arange(len(y)), y] += rng.normal(2.5, 1.0, (s, len(y)))
+    return _softmax(z), y
+
+
+def _acc(p, y):
+    return combiners.accuracy(np.asarray(p).argmax(1), y)
+
+
+@pytest.mark.parametrize("inputs", ["log", "prob"])
+def test_untrained_skip_model_is_averaged_log_probabilities(inputs):
+    probs, _ = few_shot(3, seed=1, k=7)
+    torch.manual_seed(0)
+    model = dnn.CoarseNet(4, 7, hidden=[16, 8], dropout=0.2, inputs=inputs, skip=True)
+    pred = dnn.predict_coarse(model, probs)
+    ref = combiners.average_log_probabilities(probs)
+    np.testing.assert_allclose(pred, ref, atol=1e-6)
+    assert (pred.argmax(1) == ref.argmax(1)).all()
+
+
+def test_without_skip_it_is_a_plain_mlp():
+    probs, _ = few_shot(3, seed=1, k=7)
+    torch.manual_seed(0)
+    model = dnn.CoarseNet(4, 7, hidden=[16], skip=False)
+    assert model.skip_weight is None and model.mlp[-1].weight.abs().sum() > 0
+    assert not np.allclose(dnn.predict_coarse(model, probs),
+                           combiners.average_log_probabilities(probs), atol=1e-3)
+
+
+def test_features_layout_and_rebuild_from_config():
+    probs = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) / 100 + 0.01
+    x = dnn.features(probs, "prob")
+    assert x.dtype == torch.float32 and x.shape == (3, 8)
+    np.testing.assert_array_equal(x[1].numpy(), np.concatenate([probs[0, 1], probs[1, 1]]))
+    np.testing.assert_allclose(dnn.features(probs, "log").numpy(), np.log(x.numpy() + 1e-6),
+                               rtol=1e-6)
+    torch.manual_seed(0)
+    model = dnn.CoarseNet(2, 4, hidden=[5], inputs="prob", skip=True)
+    torch.nn.init.normal_(model.mlp[-1].weight)
+    clone = dnn.build_coarse(model.config)
+    clone.load_state_dict(model.state_dict())
+    np.testing.assert_array_equal(dnn.predict_coarse(clone, probs),
+                                  dnn.predict_coarse(model, probs))
+
+
+def test_coarse_model_earns_its_place_when_one_subdomain_is_informative():
+    probs, y = informative_one(400, seed=0)
+    test_probs, test_y = informative_one(1000, seed=100)
+    cfg = CoarseConfig(hidden=[32], epochs=80, patience=20)
+    fit = dnn.train_coarse(probs, y, cfg, seed=0)
+    dnn_acc = _acc(dnn.predict_coarse(fit.model, test_probs), test_y)
+    avg_acc = _acc(combiners.average_probabilities(test_probs), test_y)
+    assert avg_acc < 0.5 and dnn_acc > avg_acc + 0.3
+    assert fit.chosen == "cnn_dnn" and fit.best_epoch > 0
+    assert fit.holdout["cnn_dnn"]["accuracy"] > fit.holdout["average_probabilities"]["accuracy"]
+    assert fit.history[fit.best_epoch]["holdout_loss"] < fit.history[0]["holdout_loss"]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_few_samples_per_class_never_worse_than_averaging(skip):
+    probs, y = few_shot(2, seed=0)             # 40 classes x 2 decisions
+    test_probs, test_y = few_shot(25, seed=100)
+    fit = dnn.train_coarse(probs, y, CoarseConfig(skip=skip), seed=0)
+    avg_acc = _acc(combiners.average_probabilities(test_probs), test_y)
+    assert avg_acc > 0.9
+    assert _acc(dnn.predict_chosen(fit, test_probs), test_y) >= avg_acc - 0.005
+    if not skip:                               # a plain MLP cannot learn 40 classes from 64
+        assert fit.chosen != "cnn_dnn"
+
+
+def test_early_stopping_keeps_the_best_holdout_state():
+    probs, y = informative_one(300, seed=3)
+    cfg = CoarseConfig(hidden=[16], epochs=400, patience=5, lr=3e-2)
+    fit = dnn.train_coarse(probs, y, cfg, seed=0)
+    epochs = [h["epoch"] for h in fit.history]
+    assert epochs == list(range(len(epochs))) and epochs[-1] == fit.best_epoch + 5 < 400
+    losses = [h["holdout_loss"] for h in fit.history]
+    assert fit.best_epoch == int(np.argmin(losses))
+    hold = np.asarray(fit.holdout["indices"])
+    p = dnn.predict_coarse(fit.model, probs[:, hold])
+    nll = -np.log(p[np.arange(len(hold)), y[hold]]).mean()
+    assert nll == pytest.approx(losses[fit.best_epoch], rel=1e-4)
+    assert not fit.model.training
+
+
+@pytest.mark.parametrize("counts, fraction", [([2] * 40, 0.2), ([20] * 5, 0.2), ([50, 3, 1], 0.3),
+                                              ([1, 1, 1], 0.1), ([1, 1], 0.9), ([7], 0.01)])
+def test_holdout_is_stratified_and_never_empty(counts, fraction):
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(len(counts)), counts))
+    hold = dnn.stratified_holdout(labels, fraction, seed=4)
+    assert 0 < len(hold) < len(labels) and len(set(hold.tolist())) == len(hold)
+    held = np.bincount(labels[hold], minlength=len(counts))
+    target = max(1, round(fraction * len(labels)))
+    if min(counts) > 1:
+        assert len(hold) == target and (held < np.array(counts)).all()
+    assert (np.abs(held - fraction * np.array(counts)) < 1 + 1e-9).all()
+    if counts == [20] * 5:
+        assert held.tolist() == [4] * 5
+    np.testing.assert_array_equal(hold, dnn.stratified_holdout(labels, fraction, seed=4))
+
+
+def test_deterministic_for_a_seed():
+    probs, y = informative_one(200, seed=5)
+    cfg = CoarseConfig(hidden=[16], epochs=15, dropout=0.3)
+    fits = [dnn.train_coarse(probs, y, cfg, seed=s) for s in (7, 7, 8)]
+    assert fits[0].history == fits[1].history and fits[0].holdout == fits[1].holdout
+    for a, b in zip(fits[0].model.state_dict().values(), fits[1].model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fits[0].holdout["indices"] != fits[2].holdout["indices"]
+
+
+def test_training_api_takes_no_test_data():
+    params = list(inspect.signature(dnn.train_coarse).parameters)
+    assert params == ["probs", "labels", "cfg", "seed", "device"]
+    probs, y = informative_one(50, seed=6)
+    fit = dnn.train_coarse(probs, y, CoarseConfig(hidden=[4], epochs=2), seed=0)
+    assert set(fit.holdout["indices"]) <= set(range(50))
+    assert set(fit.holdout) == {"indices", *dnn.COMBINERS}
+
+
+def _scores(dnn_acc, dnn_nll, avg_acc=0.9, vote_acc=0.8, avg_nll=0.5):
+    return {"cnn_dnn": {"accuracy": dnn_acc, "nll": dnn_nll},
+            "average_probabilities": {"accuracy": avg_acc, "nll": avg_nll},
+            "majority_vote": {"accuracy": vote_acc, "nll": 5.0}}
+
+
+def test_fallback_rules():
+    assert dnn._choose(_scores(0.95, 0.9), True) == "cnn_dnn"
+    assert dnn._choose(_scores(0.85, 0.1), True) == "average_probabilities"
+    assert dnn._choose(_scores(0.85, 0.1), False) == "cnn_dnn"
+    assert dnn._choose(_scores(0.9, 0.4), True) == "cnn_dnn"          # tie, lower NLL
+    assert dnn._choose(_scores(0.9, 0.5), True) == "average_probabilities"  # tie, NLL not lower
+    assert dnn._choose(_scores(0.9, 0.1, vote_acc=0.95), True) == "majority_vote"
+    assert dnn._choose(_scores(0.95, 0.1, vote_acc=0.95), True) == "cnn_dnn"
