@@ -5,6 +5,7 @@ job: ``mnist`` (IDX files, via ``idx``), ``cifar`` (python pickle batches), ``im
 folders, via Pillow), ``nifti`` (CT/MR volumes, via nibabel), ``digits`` (scikit-learn's bundled
 digits). Shared pieces: ``sources`` (class folders, CSV manifests), ``splits`` (seeded, stratified,
 grouped splits), ``provenance`` (sha256 of the inputs), ``output`` (writing through
-``ddmpi.data.schema.DatasetWriter``), ``download`` (md5-checked downloads). ``sample.load_sample``
-reads one file the way a prepared data set was made, for prediction.
+``ddmpi.data.schema.DatasetWriter``), ``download`` (md5-checked downloads). Single files are
+loaded by ``ddmpi.data.inputs`` (shared with ``ddmpi predict``); data_prep imports ddmpi, never
+the reverse.
 """

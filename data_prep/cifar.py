@@ -1,11 +1,11 @@
 """CIFAR-10 / CIFAR-100 from the python pickle batches (``--src DIR``, optionally ``--download``).
 
-The batches are unpickled with an allow-list that admits only numpy arrays and plain Python
-containers, so a tampered file cannot run code.
+The batches are unpickled with the allow-list of :mod:`ddmpi.data.inputs` (numpy arrays and
+plain containers only), so a tampered file cannot run code. Without ``test_batch`` (e.g. the
+training batches alone), the test split is drawn from the training batches.
 """
 
 import logging
-import pickle
 import tarfile
 from dataclasses import asdict
 from pathlib import Path
@@ -15,8 +15,9 @@ import numpy as np
 from data_prep import download, provenance
 from data_prep.errors import PrepError
 from data_prep.output import write_dataset
-from data_prep.splits import SplitOptions, split_sources
+from data_prep.splits import DEFAULT_TEST_FRACTION, SplitOptions, split_sources
 from ddmpi.data.atomic import atomic_path
+from ddmpi.data.inputs import ALLOWED_GLOBALS, load_pickle, read_cifar_batch  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,14 @@ LABELS = {  # (variant, label type) -> (labels key, class names key in the meta 
     ("cifar100", "fine"): ("fine_labels", "fine_label_names", 100),
     ("cifar100", "coarse"): ("coarse_labels", "coarse_label_names", 20),
 }
-SIDE = 32
-ALLOWED_GLOBALS = {  # what numpy arrays in pickles written by numpy 1.x/2.x and Python 2/3 need
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-}
 
 
 def convert(out, *, src, variant=None, label_type="fine", download_missing=False,
-            fresh_split=False, split_options=SplitOptions(), name=None):
+            fresh_split=False, split_options=SplitOptions(), name=None, dtype="float32"):
     """Convert CIFAR batches in ``src`` (or its ``cifar-10-batches-py``/``cifar-100-python``).
 
-    ``variant`` None detects it from the files. The official test batch is kept as ``test`` and
-    ``val`` is carved from the training batches, unless ``fresh_split``.
+    The official test batch, when present, is kept as ``test`` (unless ``fresh_split``);
+    without it, ``test`` is drawn from the training batches (seeded, stratified).
     """
     src = Path(src)
     if download_missing:
@@ -60,26 +54,48 @@ def convert(out, *, src, variant=None, label_type="fine", download_missing=False
         raise PrepError(f"{folder}: {variant} has no {label_type!r} labels")
     label_key, names_key, num_classes = LABELS[variant, label_type]
     classes = _class_names(folder / spec["meta"], names_key, num_classes)
-    missing = [f for fs in spec["splits"].values() for f in fs if not (folder / f).is_file()]
+    missing = [f for f in spec["splits"]["train"] if not (folder / f).is_file()]
     if missing:
         raise PrepError(f"{folder / missing[0]}: missing (incomplete {variant} batches)")
+    present = {split: files for split, files in spec["splits"].items()
+               if all((folder / f).is_file() for f in files)}
+    if "test" not in present:
+        log.info("%s: no %s: the test split is drawn from the training batches", folder,
+                 ", ".join(spec["splits"]["test"]))
     pools = {}  # official split -> (images, labels, ids) of all its batches
-    for split, files in spec["splits"].items():
+    for split, files in present.items():
         x, y, names = zip(*(read_batch(folder / f, label_key, num_classes) for f in files))
         pools[split] = np.concatenate(x), np.concatenate(y), [n for part in names for n in part]
     keep, parts = split_sources({s: p[1] for s, p in pools.items()}, split_options, fresh_split)
     images = np.concatenate([pools[s][0][k] for s, k in keep.items()])
     labels = np.concatenate([pools[s][1][k] for s, k in keep.items()])
     ids = [pools[s][2][i] for s, k in keep.items() for i in k]
+    prov = _provenance(src, folder, spec, present, fresh_split, split_options,
+                       {"variant": variant, "label_type": label_type,
+                        "download": download_missing, "dtype": dtype})
+    return write_dataset(out, name=name or variant, classes=classes, converter="data_prep.cifar",
+                         provenance=prov, images=images, labels=labels, parts=parts, ids=ids,
+                         dtype=dtype)
 
+
+def _provenance(src, folder, spec, present, fresh_split, split_options, options):
+    """Provenance: the files present (with sha256) and where the test split came from."""
     files = [f for fs in spec["splits"].values() for f in fs] + [spec["meta"]]
     sources = [provenance.file_record(folder / f, src) for f in files if (folder / f).is_file()]
-    options = {"src": str(src), "variant": variant, "label_type": label_type,
-               "download": download_missing, "fresh_split": fresh_split,
-               **asdict(split_options)}
-    prov = provenance.build("data_prep.cifar", options, sources, root=src)
-    return write_dataset(out, name=name or variant, classes=classes, converter="data_prep.cifar",
-                         provenance=prov, images=images, labels=labels, parts=parts, ids=ids)
+    official = "test" in present and not fresh_split
+    test_fraction = split_options.test_fraction
+    if not official and test_fraction is None:
+        test_fraction = DEFAULT_TEST_FRACTION
+    origin = ("official test batch" if official else
+              "drawn from the training batches (seeded, stratified)" if "test" not in present
+              else "drawn from the pooled training and test batches (--fresh-split)")
+    options = {"src": str(src), **options, "fresh_split": fresh_split,
+               **asdict(split_options), "test_fraction": test_fraction,
+               "official_test_kept": official}
+    return provenance.build("data_prep.cifar", options, sources, root=src,
+                            files_present=[s["path"] for s in sources],
+                            files_missing=[f for f in files if not (folder / f).is_file()],
+                            test_split=origin)
 
 
 def locate(src, variant=None):
@@ -105,50 +121,7 @@ def _folder(src, variant):
 
 def read_batch(path, label_key, num_classes):
     """``(images (N, 3, 32, 32) uint8, labels (N,) int64, ids)`` of one pickled batch."""
-    batch = load_pickle(path)
-    missing = [k for k in ("data", label_key) if k not in batch]
-    if missing:
-        raise PrepError(f"{path}: not a CIFAR batch with {label_key!r} labels: missing key(s) "
-                        f"{missing}; found {sorted(batch)}")
-    data, labels = batch["data"], np.asarray(batch[label_key])
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3 * SIDE * SIDE):
-        raise PrepError(f"{path}: 'data' must be an N x {3 * SIDE * SIDE} uint8 array, found "
-                        f"{type(data).__name__} {getattr(data, 'dtype', '')} "
-                        f"{getattr(data, 'shape', '')}")
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise PrepError(f"{path}: {label_key!r} must hold {len(data)} integer labels, found "
-                        f"{labels.dtype} {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise PrepError(f"{path}: labels outside 0..{num_classes - 1}")
-    names = batch.get("filenames")
-    if names is None or len(names) != len(data):
-        names = [f"{path.name}:{i}" for i in range(len(data))]
-    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
-    return data.reshape(-1, 3, SIDE, SIDE), labels.astype(np.int64), names
-
-
-def load_pickle(path):
-    """A CIFAR pickle as a dict with str keys, unpickled with the numpy-only allow-list."""
-    try:
-        with open(path, "rb") as f:
-            obj = _AllowListUnpickler(f, encoding="latin1").load()
-    except Exception as err:  # unpickling raises many types on corrupt input
-        raise PrepError(f"{path}: not a readable python pickle ({type(err).__name__}: {err})") \
-            from err
-    if not isinstance(obj, dict):
-        raise PrepError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays "
-                                         f"and plain containers are allowed)")
-        if module.startswith("numpy.core.") and hasattr(np, "_core"):
-            module = "numpy._core." + module[len("numpy.core."):]  # numpy 2 renamed numpy.core
-        return super().find_class(module, name)
+    return read_cifar_batch(path, label_key, num_classes)
 
 
 def _class_names(meta_path, names_key, num_classes):

@@ -78,7 +78,8 @@ def build_parser(prog="ddmpi-prep"):
                 "CIFAR-10 (data_batch_1..5, test_batch, batches.meta) or CIFAR-100 (train, "
                 "test, meta) python batches in --src or its cifar-10-batches-py/ or "
                 "cifar-100-python/ folder. The official test batch is kept as test and val is "
-                "carved from the training batches.")
+                "carved from the training batches; without the test batch, test "
+                "(--test-fraction, default 0.2) is drawn from the training batches, stratified.")
     p.add_argument("--src", required=True, type=Path, metavar="DIR",
                    help="folder with the batches (the archive is downloaded and extracted here "
                         "with --download)")
@@ -148,6 +149,9 @@ def _common_options():
     g.add_argument("--seed", type=int, default=0, help="seed of the splits and of --limit")
     g.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use at most N samples (per official split), stratified: quick runs")
+    g.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
+                   help="image storage: float32, or uint8 = round(x * 255), 4x smaller and "
+                        "lossless for 8-bit sources (MNIST, CIFAR, 8-bit images at their size)")
     g.add_argument("--quiet", action="store_true", help="print only errors and the summary")
     return common
 
@@ -172,6 +176,9 @@ def _file_sources(p):
     p.add_argument("--group-column", metavar="COLUMN",
                    help="manifest column of a group id (e.g. patient): no group is split "
                         "across train/val/test")
+    p.add_argument("--split-column", metavar="COLUMN",
+                   help="manifest column with each file's official split (train/val/test), "
+                        "kept as it is instead of drawing splits")
     p.add_argument("--classes", type=_names, metavar="A,B,...",
                    help="class names in label order; any other label is an error "
                         "(default: all labels found, in natural order)")
@@ -189,7 +196,8 @@ def _run_mnist(args):
 
     return mnist.convert(args.out, src=args.src, variant=args.variant,
                          download_missing=args.download, fresh_split=args.fresh_split,
-                         split_options=_split_options(args), name=args.name)
+                         split_options=_split_options(args), name=args.name,
+                         dtype=args.dtype)
 
 
 def _run_cifar(args):
@@ -198,7 +206,7 @@ def _run_cifar(args):
     return cifar.convert(args.out, src=args.src, variant=args.variant,
                          label_type=args.label_type, download_missing=args.download,
                          fresh_split=args.fresh_split, split_options=_split_options(args),
-                         name=args.name)
+                         name=args.name, dtype=args.dtype)
 
 
 def _run_images(args):
@@ -208,7 +216,8 @@ def _run_images(args):
                           image_column=args.image_column, label_column=args.label_column,
                           group_column=args.group_column, label_regex=args.label_regex,
                           classes=args.classes, size=args.size, mode=args.mode,
-                          split_options=_split_options(args), name=args.name)
+                          split_column=args.split_column, split_options=_split_options(args),
+                          name=args.name, dtype=args.dtype)
 
 
 def _run_nifti(args):
@@ -218,14 +227,15 @@ def _run_nifti(args):
                          image_column=args.image_column, label_column=args.label_column,
                          group_column=args.group_column, classes=args.classes,
                          shape_xyz=args.shape, window=args.window,
-                         split_options=_split_options(args), name=args.name)
+                         split_column=args.split_column, split_options=_split_options(args),
+                         name=args.name, dtype=args.dtype)
 
 
 def _run_digits(args):
     from data_prep import digits
 
     return digits.convert(args.out, size=args.size, split_options=_split_options(args),
-                          name=args.name or "digits")
+                          name=args.name or "digits", dtype=args.dtype)
 
 
 RUNNERS = {"mnist": _run_mnist, "cifar": _run_cifar, "images": _run_images,

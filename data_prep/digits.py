@@ -7,14 +7,14 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from data_prep import provenance
-from data_prep.images import resize
 from data_prep.output import write_dataset
 from data_prep.splits import DEFAULT_TEST_FRACTION, SplitOptions, split, subsample
+from ddmpi.data.inputs import resize
 
 MAX_VALUE = 16.0  # the digits' pixel values are counts 0..16
 
 
-def convert(out, *, size=None, split_options=SplitOptions(), name="digits"):
+def convert(out, *, size=None, split_options=SplitOptions(), name="digits", dtype="float32"):
     """Convert the digits to ``out`` (resized to ``size=(H, W)`` if given); return a summary."""
     digits = load_digits()
     opts = split_options
@@ -30,4 +30,5 @@ def convert(out, *, size=None, split_options=SplitOptions(), name="digits"):
                             libraries=("scikit-learn", "Pillow"))
     return write_dataset(out, name=name, classes=[str(d) for d in range(10)],
                          converter="data_prep.digits", provenance=prov, images=images,
-                         labels=labels, parts=parts, ids=[f"digits:{i}" for i in keep])
+                         labels=labels, parts=parts, ids=[f"digits:{i}" for i in keep],
+                         dtype=dtype)

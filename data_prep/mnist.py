@@ -43,7 +43,7 @@ VARIANTS = {
 
 
 def convert(out, *, src, variant="mnist", download_missing=False, fresh_split=False,
-            split_options=SplitOptions(), name=None):
+            split_options=SplitOptions(), name=None, dtype="float32"):
     """Convert the IDX files in ``src`` to ``out``; return a one-line summary.
 
     With both official splits present, the official test split is kept as ``test`` and ``val`` is
@@ -79,7 +79,7 @@ def convert(out, *, src, variant="mnist", download_missing=False, fresh_split=Fa
     prov = provenance.build("data_prep.mnist", options, sources, root=src)
     return write_dataset(out, name=name or variant, classes=spec["classes"],
                          converter="data_prep.mnist", provenance=prov, images=images,
-                         labels=labels, parts=parts, ids=ids)
+                         labels=labels, parts=parts, ids=ids, dtype=dtype)
 
 
 def read_split(src, images_stem, labels_stem):

@@ -8,30 +8,28 @@ from ddmpi.data.schema import SPLITS, DatasetWriter
 
 
 def write_dataset(out, *, name, classes, converter, provenance, images, labels, parts,
-                  groups=None, ids=None):
+                  groups=None, ids=None, dtype="float32"):
     """Write ``images[parts[split]]`` etc. for each split; return a one-line summary.
 
-    ``images`` is (N, C, *spatial): uint8 (scaled by 1/255 split by split, so that only one split
-    is ever held as float32) or float in [0, 1]. ``groups`` and ``ids`` are optional (N,) arrays
-    of strings; with ``groups`` no group may appear in two splits.
+    ``images`` (N, C, *spatial): uint8 (value / 255) or float in [0, 1]; converted split by
+    split to the storage ``dtype`` (float32, or uint8 = round(x * 255)). ``groups`` and ``ids``
+    are optional (N,) strings; with ``groups`` no group may appear in two splits.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if groups is not None:
         groups = np.asarray(groups, dtype=str)
         check_disjoint_groups(parts, groups)
     ids = None if ids is None else np.asarray(ids, dtype=str)
-    provenance = {**provenance, "splits": {s: int(len(i)) for s, i in parts.items()}}
+    provenance = {**provenance, "splits": {s: int(len(i)) for s, i in parts.items()},
+                  "storage_dtype": dtype}
     with DatasetWriter(out, name=name, classes=classes, converter=converter,
-                       provenance=provenance) as writer:
+                       provenance=provenance, dtype=dtype) as writer:
         for split in SPLITS:
             idx = parts.get(split)
             if idx is None or len(idx) == 0:
                 continue
             x = images[idx]
-            if x.dtype == np.uint8:
-                x = x.astype(np.float32)
-                x /= 255
-            elif not (np.all(x >= 0) and np.all(x <= 1)):
+            if x.dtype != np.uint8 and not (np.all(x >= 0) and np.all(x <= 1)):
                 raise PrepError(f"{out}: split {split!r}: image values outside [0, 1] or not "
                                 f"finite (converter bug)")
             writer.write_split(split, x, labels[idx],

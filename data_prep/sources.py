@@ -23,10 +23,14 @@ class Record:
     origin: str
     id: str
     group: Optional[str] = None
+    split: Optional[str] = None  # official split from a manifest's split column
+
+
+SPLIT_VALUES = ("train", "val", "test")
 
 
 def collect(accept, *, src=None, manifest=None, image_column="image", label_column="label",
-            group_column=None, label_regex=None):
+            group_column=None, label_regex=None, split_column=None):
     """Records from ``src`` (class folders, or a flat folder with ``label_regex``) or ``manifest``.
 
     ``accept(path)`` says which files in a folder are inputs; others are skipped.
@@ -36,9 +40,9 @@ def collect(accept, *, src=None, manifest=None, image_column="image", label_colu
     if manifest is not None:
         if label_regex is not None:
             raise PrepError("a label regex labels the files of a folder (--src), not a manifest")
-        return from_manifest(manifest, image_column, label_column, group_column)
-    if group_column is not None:
-        raise PrepError("a group column belongs to a manifest (--manifest), not a folder")
+        return from_manifest(manifest, image_column, label_column, group_column, split_column)
+    if group_column is not None or split_column is not None:
+        raise PrepError("group and split columns belong to a manifest (--manifest), not a folder")
     if label_regex is not None:
         return from_file_names(src, label_regex, accept)
     return from_folders(src, accept)
@@ -84,13 +88,14 @@ def from_file_names(root, regex, accept):
     return records
 
 
-def from_manifest(csv_path, image_column, label_column, group_column=None):
-    """Rows of a CSV file: image path (relative to the CSV's folder), label, optional group."""
+def from_manifest(csv_path, image_column, label_column, group_column=None, split_column=None):
+    """Rows of a CSV file: image path (relative to the CSV's folder), label, optional group and
+    official split (train/val/test)."""
     csv_path = Path(csv_path)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            columns = [c for c in (image_column, label_column, group_column) if c]
+            columns = [c for c in (image_column, label_column, group_column, split_column) if c]
             absent = [c for c in columns if c not in (reader.fieldnames or [])]
             if absent:
                 raise PrepError(f"{csv_path}: no column(s) {absent}; found {reader.fieldnames}")
@@ -112,10 +117,32 @@ def from_manifest(csv_path, image_column, label_column, group_column=None):
                             f"and {line})")
         seen[path.resolve()] = line
         records.append(Record(path, values[label_column], where, values[image_column],
-                              values[group_column] if group_column else None))
+                              values[group_column] if group_column else None,
+                              values[split_column] if split_column else None))
     if not records:
         raise PrepError(f"{csv_path}: the manifest lists no files")
+    if split_column:
+        _check_splits(csv_path, records, split_column, group_column)
     return records
+
+
+def _check_splits(csv_path, records, split_column, group_column):
+    """Split cells are train/val/test, each split has rows, no group is in two splits."""
+    first = {}
+    for record in records:
+        if record.split not in SPLIT_VALUES:
+            raise PrepError(f"{record.origin}: column {split_column!r}: unknown split "
+                            f"{record.split!r} (expected {', '.join(SPLIT_VALUES)})")
+        if record.group is not None:
+            other = first.setdefault(record.group, record)
+            if other.split != record.split:
+                raise PrepError(f"{record.origin}: column {split_column!r}: group "
+                                f"{record.group!r} (column {group_column!r}) is in split "
+                                f"{record.split!r} here but in {other.split!r} at "
+                                f"{other.origin}")
+    for split in SPLIT_VALUES:
+        if not any(r.split == split for r in records):
+            raise PrepError(f"{csv_path}: column {split_column!r}: split {split!r} has no rows")
 
 
 def encode_labels(records, classes=None):

@@ -10,7 +10,6 @@ import sys
 
 from ddmpi import __version__
 
-
 RESUME_IF_POSSIBLE = "<run.dir>"  # --resume without RUN_DIR: the configured run.dir, if any
 
 

@@ -66,8 +66,9 @@ def digits_sources():
     import torch
     from helpers import digits_arrays
 
-    from ddmpi.training.loop import TensorSource
+    from ddmpi.data.schema import Normalization
+    from ddmpi.data.sources import TensorSource
 
     x, y = digits_arrays()
-    x = torch.from_numpy((x - 0.3) / 0.4)
-    return TensorSource(x[:1200], y[:1200]), TensorSource(x[1200:1500], y[1200:1500])
+    x, norm = torch.from_numpy(x), Normalization([0.3], [0.4])
+    return (TensorSource(x[:1200], y[:1200], norm), TensorSource(x[1200:1500], y[1200:1500], norm))

@@ -2,6 +2,7 @@
 # tests/run.sh - the project's single test command:  bash tests/run.sh [PYTEST ARGS...]
 #
 # Runs, from the repository root, each under a time limit:
+#   0. the style check:    python -m ruff check ddmpi data_prep   (rules in ruff.toml)
 #   1. the serial suite:   python -m pytest -m "not mpi"
 #   2. the MPI suite at 2 and 4 ranks:
 #                          mpirun -n N [--oversubscribe] python -m pytest --with-mpi -m mpi
@@ -19,7 +20,7 @@
 #   PYTHON            interpreter (default: python, e.g. the activated venv's)
 #   MPIEXEC           MPI launcher (default: mpirun, else mpiexec)
 #   DDMPI_MPI_SIZES   rank counts of the MPI suite (default: "2 4")
-#   DDMPI_TEST_PARTS  parts to run: "serial mpi" (default), "serial" or "mpi"
+#   DDMPI_TEST_PARTS  parts to run: "lint serial mpi" (default), or any of them
 #   DDMPI_SERIAL_TIMEOUT / DDMPI_MPI_TIMEOUT   seconds per part (default 1800 / 1200)
 set -uo pipefail
 
@@ -28,7 +29,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PYTHON=${PYTHON:-python}
 MPIEXEC=${MPIEXEC:-$(command -v mpirun || command -v mpiexec || echo mpirun)}
 SIZES=${DDMPI_MPI_SIZES:-2 4}
-PARTS=${DDMPI_TEST_PARTS:-serial mpi}
+PARTS=${DDMPI_TEST_PARTS:-lint serial mpi}
 SERIAL_TIMEOUT=${DDMPI_SERIAL_TIMEOUT:-1800}
 MPI_TIMEOUT=${DDMPI_MPI_TIMEOUT:-1200}
 # Cores this process may use (GNU nproc would also obey OMP_NUM_THREADS: unset it here).
@@ -70,6 +71,12 @@ note_for() {  # why a part failed, from its exit code
         *) echo "" ;;
     esac
 }
+
+if [[ " $PARTS " == *" lint "* ]]; then
+    echo "=== run.sh: style: $PYTHON -m ruff check ddmpi data_prep"
+    "$PYTHON" -m ruff check ddmpi data_prep
+    record lint "$?"
+fi
 
 if [[ " $PARTS " == *" serial "* ]]; then
     echo "=== run.sh: serial suite: $PYTHON -m pytest -m 'not mpi' $*"

@@ -29,6 +29,16 @@ def test_defaults_and_overrides():
     ("coarse.train_on=test", "coarse.train_on"),
     ("local.rescaling.factor=2", "local.rescaling"),
     ("local=3", "local"),
+    ("local.model.dropout=1.0", "local.model.dropout"),
+    ("data.in_memory=maybe", "data.in_memory"),
+    ("data.memory_budget_gb=0", "data.memory_budget_gb"),
+    ("data.augment.brightness=2", "data.augment.brightness"),
+    ("compare.global_widths=[compute, 0]", "compare.global_widths"),
+    ("compare.strategies=[global_ddp, cnn]", "compare.strategies[1]"),
+    ("run.threads_per_rank=0", "run.threads_per_rank"),
+    ("coarse.folds=1", "coarse.folds"),
+    ("coarse.holdout_fraction=1", "coarse.holdout_fraction"),
+    ("local.model.blocks=[2, 2, 2]", "local.model.blocks"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError, match=f"'{field.replace('[', '.').replace(']', '.')}"):

@@ -101,3 +101,63 @@ def test_missing_batches_hint_download(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrepError, match="empty: no cifar10 or cifar100 python batches.*--download"):
         cifar.convert(tmp_path / "o.h5", src=tmp_path / "empty")
+
+
+def test_training_batches_alone_draw_the_test_split(tmp_path):
+    make_cifar10(tmp_path / "raw" / "cifar-10-batches-py", per_batch=40)
+    (tmp_path / "raw" / "cifar-10-batches-py" / "test_batch").unlink()
+    out = tmp_path / "c10.h5"
+    for src in (tmp_path / "raw", tmp_path / "raw" / "cifar-10-batches-py"):
+        assert main(["cifar", "--src", str(src), "--out", str(out), "--test-fraction", "0.25",
+                     "--dtype", "uint8", "--quiet"]) == 0
+        info = read_info(out)
+        assert info.splits == {"train": 130, "val": 20, "test": 50}
+        assert info.storage_dtype == "uint8"
+        prov = json.loads(info.attrs["provenance"])
+        assert prov["test_split"] == "drawn from the training batches (seeded, stratified)"
+        assert prov["files_missing"] == ["test_batch"]
+        assert prov["options"]["test_fraction"] == 0.25 and not prov["options"]["official_test_kept"]
+        with h5py.File(out, "r") as f:
+            test_labels = f["test/labels"][()]
+            ids = set(f["train/ids"].asstr()[()]) | set(f["val/ids"].asstr()[()])
+            assert not ids & set(f["test/ids"].asstr()[()])
+        assert np.bincount(test_labels, minlength=10).tolist() == [5] * 10  # stratified
+        out.unlink()
+
+
+def test_official_layout_keeps_the_test_batch(tmp_path):
+    make_cifar10(tmp_path / "cifar-10-batches-py")
+    out = tmp_path / "c10.h5"
+    cifar.convert(out, src=tmp_path, dtype="uint8")
+    prov = json.loads(read_info(out).attrs["provenance"])
+    assert prov["test_split"] == "official test batch" and prov["files_missing"] == []
+    with h5py.File(out, "r") as f:
+        expected = batch(20, "labels", 10, 0)[b"data"].reshape(20, 3, 32, 32)
+        np.testing.assert_array_equal(f["test/images"][()], expected)  # uint8: exact
+    with pytest.raises(PrepError, match="official test split"):
+        cifar.convert(out, src=tmp_path, split_options=SplitOptions(test_fraction=0.2))
+
+
+def test_real_cifar10_training_batches(tmp_path):
+    """The shared CIFAR-10 folder holds data_batch_1..5 and batches.meta but no test_batch."""
+    from helpers import shared_data
+
+    src = shared_data("cifar10")
+    out = tmp_path / "cifar10.h5"
+    assert main(["cifar", "--src", str(src), "--out", str(out), "--limit", "1000",
+                 "--dtype", "uint8", "--quiet"]) == 0
+    info = read_info(out)
+    assert info.splits == {"train": 700, "val": 100, "test": 200}
+    assert info.classes[:3] == ["airplane", "automobile", "bird"]
+    prov = json.loads(info.attrs["provenance"])
+    assert prov["files_missing"] == ["test_batch"]
+    assert len(prov["files_present"]) == 6 and prov["splits"]["test"] == 200
+    first = cifar.read_batch(src / "cifar-10-batches-py" / "data_batch_1", "labels", 10)
+    with h5py.File(out, "r") as f:
+        for split in ("train", "test"):
+            ids = f[f"{split}/ids"].asstr()[()]
+            k = next(k for k, s in enumerate(ids) if s.startswith("data_batch_1:"))
+            i = int(ids[k].split(":")[1])
+            np.testing.assert_array_equal(f[f"{split}/images"][k], first[0][i])
+            assert f[f"{split}/labels"][k] == first[1][i]
+    np.testing.assert_allclose(info.mean * 255, [125.3, 123.0, 113.9], atol=3)

@@ -91,7 +91,7 @@ def test_unwritable_output_is_one_clean_error(tmp_path, capsys):
 def test_load_sample_follows_the_data_set(tmp_path):
     from PIL import Image
 
-    from data_prep.sample import load_sample
+    from ddmpi.data.inputs import load_sample
 
     out = tmp_path / "digits.h5"
     assert main(["digits", "--out", str(out), "--size", "16x12", "--limit", "100"]) == 0

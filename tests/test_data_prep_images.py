@@ -11,9 +11,8 @@ from test_data_prep_cli import assert_failed, run_prep
 from data_prep import images
 from data_prep.cli import main
 from data_prep.errors import PrepError
-from data_prep.images import load_image
-from data_prep.sample import load_sample
 from data_prep.splits import SplitOptions
+from ddmpi.data.inputs import load_image, load_sample
 from ddmpi.data.schema import read_info
 
 
@@ -171,3 +170,47 @@ def test_load_image_modes_and_16_bit(tmp_path):
     assert y[0, 0, 0] == 0 and y[0, 1, 1] == 1.0
     with pytest.raises(PrepError, match="image mode 'cmyk'"):
         load_image(tmp_path / "g.png", mode="cmyk")
+
+
+def _split_manifest(root, rows):
+    """PNG files and a manifest ``file,label,patient,split`` of ``rows``."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["file,label,patient,split"]
+    for i, (label, patient, split) in enumerate(rows):
+        Image.fromarray(np.full((6, 5), 20 * i, np.uint8)).save(root / f"{i}.png")
+        lines.append(f"{i}.png,{label},{patient},{split}")
+    (root / "list.csv").write_text("\n".join(lines) + "\n")
+    return root / "list.csv"
+
+
+def test_manifest_split_column_keeps_the_official_splits(tmp_path):
+    rows = [("a", "p1", "train"), ("b", "p1", "train"), ("a", "p2", "train"),
+            ("b", "p3", "val"), ("a", "p4", "test"), ("b", "p4", "test")]
+    csv_path = _split_manifest(tmp_path / "m", rows)
+    out = tmp_path / "o.h5"
+    assert main(["images", "--manifest", str(csv_path), "--split-column", "split",
+                 "--group-column", "patient", "--dtype", "uint8", "--out", str(out),
+                 "--quiet"]) == 0
+    info = read_info(out)
+    assert info.splits == {"train": 3, "val": 1, "test": 2} and info.storage_dtype == "uint8"
+    with h5py.File(out, "r") as f:
+        assert list(f["test/ids"].asstr()[()]) == ["4.png", "5.png"]
+        np.testing.assert_array_equal(f["val/images"][0, 0], np.full((6, 5), 60, np.uint8))
+    assert json.loads(info.attrs["provenance"])["options"]["split_column"] == "split"
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a", "p1", "train"), ("a", "p2", "valid"), ("a", "p3", "test")],
+     r"list.csv line 3: column 'split': unknown split 'valid'"),
+    ([("a", "p1", "train"), ("a", "p2", "train"), ("a", "p3", "test")],
+     r"list.csv: column 'split': split 'val' has no rows"),
+    ([("a", "p1", "train"), ("a", "p2", "val"), ("a", "p1", "test")],
+     r"list.csv line 4: column 'split': group 'p1' \(column 'patient'\) is in split 'test' "
+     r"here but in 'train' at .*list.csv line 2"),
+])
+def test_manifest_split_column_errors(tmp_path, rows, message):
+    csv_path = _split_manifest(tmp_path / "m", rows)
+    with pytest.raises(PrepError, match=message):
+        images.convert(tmp_path / "o.h5", manifest=csv_path, split_column="split",
+                       group_column="patient")
+    assert not (tmp_path / "o.h5").exists()

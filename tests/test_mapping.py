@@ -2,7 +2,7 @@
 
 import pytest
 
-from ddmpi.parallel.mapping import MappingError, assign_subdomains, owner_of
+from ddmpi.parallel.layout import MappingError, assign_subdomains, owner_of
 
 
 @pytest.mark.parametrize("subdomains, ranks", [(4, 4), (4, 2), (4, 1), (8, 3), (27, 5), (16, 16)])

@@ -125,8 +125,9 @@ class RngStream:
 class CoherentCNNDNN(nn.Module):
     """This rank's CNNs ``{subdomain: CNN}`` plus a replica of the coarse network.
 
-    ``coarse`` is a :class:`~ddmpi.coarse.dnn.CoarseNet` over the S local probabilities. Construction is collective over
-    ``group`` (None: one process with every subdomain); rank 0's coarse replica is broadcast.
+    ``coarse`` is a :class:`~ddmpi.coarse.dnn.CoarseNet` over the S local probabilities.
+    Construction is collective over ``group`` (None: one process with every subdomain); rank
+    0's coarse replica is broadcast.
     ``seed`` gives every module its own random stream, so results do not depend on the layout.
     """
 

@@ -52,7 +52,7 @@ class BindingError(ValueError):
 
 
 def _int(environ, *names):
-    """First of ``names`` present in ``environ`` as an integer, else None (junk counts as absent)."""
+    """First of ``names`` in ``environ`` as an integer, else None (junk counts as absent)."""
     for name in names:
         value = environ.get(name)
         if value is None or str(value).strip() == "":
@@ -170,7 +170,7 @@ class OpenMPIEnvironment(ClusterEnvironment):
 
 
 class MPICHEnvironment(ClusterEnvironment):
-    """MPICH / Intel MPI Hydra ``mpiexec``: ``PMI_RANK``, ``MPI_LOCALRANKID``/``MPI_LOCALNRANKS``."""
+    """MPICH / Intel MPI Hydra: ``PMI_RANK``, ``MPI_LOCALRANKID``/``MPI_LOCALNRANKS``."""
 
     name = "mpich"
 

@@ -161,9 +161,13 @@ class Group:
         """
         owned = sorted(local)
         shapes = {np.shape(local[s]) for s in owned}
-        if len(shapes) > 1:
-            raise ValueError(f"rank {self.rank}: local decisions of different shapes {shapes}")
-        meta = self.comm.allgather((owned, shapes.pop() if shapes else None))
+        mixed = (f"rank {self.rank}: local decisions of different shapes {sorted(shapes)}"
+                 if len(shapes) > 1 else None)
+        meta = self.comm.allgather((owned, None if mixed or not shapes else shapes.pop(), mixed))
+        errors = [m for _, _, m in meta if m]
+        if errors:  # raised on every rank, so none is left waiting in the Gatherv
+            raise ValueError("; ".join(errors))
+        meta = [(subs, shape) for subs, shape, _ in meta]
         n, k = _common_shape(meta)
         order = [s for subs, _ in meta for s in subs]
         if sorted(order) != list(range(num_subdomains)):

@@ -54,6 +54,8 @@ class Layout:
 def make_layout(world, num_subdomains):
     """Collective over ``world``: the layout of ``num_subdomains`` over its ranks."""
     size, s_total = world.size, num_subdomains
+    if s_total < 1:
+        raise MappingError("need at least one rank and one subdomain")
     if size <= s_total:
         owned = assign_subdomains(s_total, size)[world.rank]
         return Layout(world, s_total, owned, Group.single(), world)

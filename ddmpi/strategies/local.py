@@ -13,6 +13,7 @@ from ddmpi.data.subset import Subset
 from ddmpi.models.cnn import build_cnn, count_parameters
 from ddmpi.models.flops import training_flops
 from ddmpi.models.rescaling import KernelRescaling
+from ddmpi.report.scalars import ScalarWriter
 from ddmpi.strategies.rundir import decisions_path, local_path
 from ddmpi.training import hooks, preemption
 from ddmpi.training.checkpoint import load_checkpoint, save_checkpoint
@@ -73,9 +74,14 @@ def train_cnn(ctx, kwargs, train, val, augment, *, seed, path, epochs, parallel=
         epoch_hooks.append(hooks.EarlyStopping(cfg.early_stopping_patience))
     if rescaler is not None:
         epoch_hooks.append(hooks.Rescaling(rescaler, cfg, trainer))
-    step = ctx.step(augment=augment, parallel=parallel, hooks=tuple(epoch_hooks))
-    fit(trainer, train, val, step, batch_size=cfg.batch_size, seed=seed,
-        should_stop=preemption.requested)
+    with ScalarWriter(ctx.run_dir, name.replace(" ", "_") or "global",
+                      tensorboard=ctx.config.run.tensorboard and writes) as scalars:
+        if writes:
+            epoch_hooks.append(hooks.Report(lambda r: scalars.add(r.epoch, {
+                k: v for k, v in vars(r).items() if k not in ("epoch", "resolution")})))
+        step = ctx.step(augment=augment, parallel=parallel, hooks=tuple(epoch_hooks))
+        fit(trainer, train, val, step, batch_size=cfg.batch_size, seed=seed,
+            should_stop=preemption.requested)
     return trainer, step
 
 
