@@ -3,10 +3,14 @@
     python benchmarks/bench_cnn_dnn.py --config benchmarks/configs/mnist10k_2x2.yaml --ranks 1 2
 
 Runs ``ddmpi train`` once per rank count (same config, same seeds, one thread per rank), then
-prints the test accuracy of every combiner for each run, whether the runs agree, and the local
-phase's wall time (slowest rank) with its ratio to the first rank count. It then retrains only
-the coarse DNN of the last run on each choice of ``coarse.train_on`` (train / val / train+val
-decisions) and prints their test accuracies: the evidence for the default.
+prints the test accuracy of every combiner for each run (``metrics.json``
+``combiners[name]["accuracy"]``), whether the runs agree, and the local phase's wall time
+(local_training + local_inference of the slowest rank, ``timings``) with its ratio to the first
+rank count, and each rank's peak RSS (``peak_memory_mb``). Each rank count runs once (single
+measurements, no best-of selection). It then retrains only the coarse DNN of the last run on
+each choice of ``coarse.train_on`` (train / val / train+val decisions, the configured coarse
+model and seed; :func:`ddmpi.coarse.dnn.train_coarse`) and prints their test accuracies and
+the combiner each one chooses on its holdout: the evidence for the default.
 """
 
 import argparse
@@ -35,13 +39,14 @@ def run(config, ranks, run_dir, extra):
 
 def local_phase_seconds(metrics):
     """Wall time of the local phase: data loading, training and inference, slowest rank."""
-    return max(sum(t.get(p, 0.0) for p in ("load_data", "local_training", "local_inference"))
-               for t in metrics["timings_seconds"].values())
+    return max(sum(t.get(p, 0.0) for p in ("local_training", "local_inference"))
+               for t in metrics["timings"].values())
 
 
 def coarse_variants(run_dir, config_path):
     """Test accuracy of the coarse DNN trained on each choice of local decisions."""
-    from ddmpi.coarse import combiners
+    from ddmpi.coarse.combiners import accuracy
+    from ddmpi.coarse.dnn import predict_coarse, train_coarse
     from ddmpi.config import load_config
     from ddmpi.data.schema import read_labels
 
@@ -55,9 +60,9 @@ def coarse_variants(run_dir, config_path):
         parts = train_on.split("+")
         x = np.concatenate([probs[p] for p in parts], axis=1)
         y = np.concatenate([labels[p] for p in parts])
-        model, _ = combiners.train_coarse(x, y, config.coarse, seed=config.run.seed)
-        pred = combiners.coarse_predict(model, probs["test"], config.coarse.inputs).argmax(1)
-        results[train_on] = combiners.accuracy(pred, labels["test"])
+        fit = train_coarse(x, y, config.coarse, seed=config.run.seed)
+        pred = predict_coarse(fit.model, probs["test"]).argmax(1)
+        results[train_on] = (accuracy(pred, labels["test"]), fit.chosen)
     return results
 
 
@@ -72,24 +77,28 @@ def main():
     out = Path(args.out)
     metrics = {p: run(args.config, p, out / f"ranks{p}", extra) for p in args.ranks}
 
-    names = list(next(iter(metrics.values()))["global"])
-    print(f"\nconfig {args.config}: {metrics[args.ranks[0]]['decomposition']}")
+    names = list(next(iter(metrics.values()))["combiners"])
+    dec = metrics[args.ranks[0]]["config"]["decomposition"]
+    print(f"\nconfig {args.config}: grid {dec['grid']}, overlap {dec['overlap']}")
     print(f"{'ranks':>5}  " + "  ".join(f"{n:>22}" for n in names)
-          + "  local phase (s)  ratio  efficiency")
+          + "  local phase (s)  ratio  efficiency  peak RSS MiB per rank")
     base = local_phase_seconds(metrics[args.ranks[0]])
     for p, m in metrics.items():
         t = local_phase_seconds(m)
         eff = base / t / (p / args.ranks[0])
-        print(f"{p:>5}  " + "  ".join(f"{100 * m['global'][n]['test_accuracy']:21.2f}%"
+        rss = " ".join(f"{v['rss']:.0f}" for _, v in sorted(m["peak_memory_mb"].items(),
+                                                            key=lambda kv: int(kv[0])))
+        print(f"{p:>5}  " + "  ".join(f"{100 * m['combiners'][n]['accuracy']:21.2f}%"
                                       for n in names)
-              + f"  {t:15.1f}  {t / base:5.3f}  {eff:10.3f}")
-    same = all(m["global"] == metrics[args.ranks[0]]["global"] for m in metrics.values())
+              + f"  {t:15.1f}  {t / base:5.3f}  {eff:10.3f}  {rss}")
+    accs = {p: {n: m["combiners"][n]["accuracy"] for n in names} for p, m in metrics.items()}
+    same = all(a == accs[args.ranks[0]] for a in accs.values())
     print(f"identical global results across rank counts: {same}")
-    local = metrics[args.ranks[-1]]["local"]
+    local = metrics[args.ranks[-1]]["extra"]["local"]
     print("local CNN test accuracy: " + ", ".join(
         f"sub {s}: {100 * v['accuracy']['test']:.2f}%" for s, v in local.items()))
-    print("coarse DNN trained on (test accuracy): " + ", ".join(
-        f"{k}: {100 * v:.2f}%" for k, v in coarse_variants(
+    print("coarse DNN trained on (test accuracy; combiner chosen on the holdout): " + ", ".join(
+        f"{k}: {100 * v:.2f}% ({chosen})" for k, (v, chosen) in coarse_variants(
             out / f"ranks{args.ranks[-1]}", args.config).items()))
 
 

@@ -6,11 +6,13 @@
 
 For every combination of S subdomains (spread over the ranks as ``ddmpi train`` spreads them,
 several per rank when S > P), K classes and N samples, every rank fills its ``{subdomain: (N, K)
-float32}`` decisions and calls :func:`ddmpi.parallel.gather.gather_decisions` with each ``--chunk-mb``
+float32}`` decisions and calls :meth:`ddmpi.parallel.group.Group.gather_decisions` with each
+``--chunk-mb``
 (``run.gather_chunk_mb``; the default of ddmpi is 64), and rank 0 prints
 
-- the wall time of the gather (rank 0, after a barrier; best of ``--repeat``) and the rate in
-  GiB/s of the gathered array;
+- the wall time of the gather (after a barrier, the slowest rank of each repeat; median of
+  ``--repeat`` with the range min..max) and the rate in GiB/s of the gathered array (at the
+  median);
 - rank 0's memory during the gather: the peak of the numpy heap (``tracemalloc``, which numpy
   reports its buffers to) above what was allocated before, and the growth of the process's
   peak resident set (``VmHWM`` of ``/proc/self/status``, reset before each gather through
@@ -41,8 +43,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from ddmpi.parallel.gather import gather_decisions
-from ddmpi.parallel.mapping import assign_subdomains
+from ddmpi.parallel.group import Group
+from ddmpi.parallel.layout import assign_subdomains
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -181,8 +183,8 @@ def model_bytes(s, n, k, p, chunk_bytes):
 
 
 def timed(comm, func, repeat, probe):
-    """Best wall time of ``func`` on rank 0 over ``repeat`` runs; memory of the last run."""
-    best, result = float("inf"), None
+    """Wall times of ``func`` (slowest rank of each of ``repeat`` runs); memory of the last."""
+    times, result = [], None
     for _ in range(repeat):
         result = None
         comm.Barrier()
@@ -195,8 +197,8 @@ def timed(comm, func, repeat, probe):
             t0 = time.perf_counter()
             result = func()
             seconds = time.perf_counter() - t0
-        best = min(best, seconds)
-    return best, result
+        times.append(comm.allreduce(seconds, op=MPI.MAX))
+    return times, result
 
 
 def main(argv=None):
@@ -219,6 +221,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     comm = MPI.COMM_WORLD
+    group = Group(comm)
     rank, p = comm.rank, comm.size
     import h5py  # imported before any timing
 
@@ -229,9 +232,11 @@ def main(argv=None):
         print(f"{p} ranks on {os.cpu_count()} cores (load average "
               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}); rank 0 peak RSS from "
               f"{'VmHWM (reset per gather)' if hwm else 'ru_maxrss deltas (monotonic)'}; "
-              f"budget {args.budget_gib:g} GiB for S*N*K*4; best of {args.repeat}", flush=True)
+              f"budget {args.budget_gib:g} GiB for S*N*K*4; median (min..max) of {args.repeat}",
+              flush=True)
         print(f"{'S':>4} {'S/P':>4} {'K':>5} {'N':>7} {'array MiB':>9} {'method':>12} "
-              f"{'s':>8} {'GiB/s':>6} {'heap MiB':>9} {'RSS MiB':>8} {'model MiB':>9} "
+              f"{'s med':>8} {'s range':>15} {'GiB/s':>6} {'heap MiB':>9} {'RSS MiB':>8} "
+              f"{'model MiB':>9} "
               f"{'recv MiB':>8} {'heap/arr':>8}")
     rows, skipped = [], []
     for s in args.S:
@@ -252,15 +257,15 @@ def main(argv=None):
                 for name, mb in methods:
                     if mb is not None:
                         def func():
-                            return gather_decisions(comm, local, s, chunk_bytes=mb * MiB)
+                            return group.gather_decisions(local, s, chunk_bytes=mb * MiB)
                     else:
                         path = os.path.join(tmpdir, "decisions.h5") if rank == 0 else None
 
                         def func():
                             return stream_to_hdf5(comm, local, s, path,
                                                   args.stream_chunk_mb * MiB)
-                    seconds, result = timed(comm, func, args.repeat, probe)
-                    seconds = comm.allreduce(seconds, op=MPI.MAX)
+                    times, result = timed(comm, func, args.repeat, probe)
+                    seconds = float(np.median(times))
                     if rank != 0:
                         continue
                     if mb is not None:
@@ -283,12 +288,13 @@ def main(argv=None):
                     if not ok:
                         raise SystemExit(f"wrong gathered decisions for S={s} K={k} N={n}")
                     row = dict(S=s, per_rank=s / p, K=k, N=n, array_bytes=nbytes, method=name,
-                               seconds=seconds, gib_per_s=nbytes / GiB / seconds,
+                               seconds=seconds, seconds_all=times, gib_per_s=nbytes / GiB / seconds,
                                heap_peak=probe.heap_peak, rss_peak=probe.rss_peak,
                                rss_kind=probe.rss_kind, model_bytes=model, recv_chunk=recv)
                     rows.append(row)
                     print(f"{s:>4} {s / p:>4g} {k:>5} {n:>7} {nbytes / MiB:9.1f} {name:>12} "
-                          f"{seconds:8.3f} {row['gib_per_s']:6.2f} "
+                          f"{seconds:8.3f} {min(times):7.3f}..{max(times):<6.3f} "
+                          f"{row['gib_per_s']:6.2f} "
                           f"{probe.heap_peak / MiB:9.1f} {probe.rss_peak / MiB:8.1f} "
                           f"{model / MiB:9.1f} {recv / MiB:8.1f} "
                           f"{probe.heap_peak / nbytes:8.2f}", flush=True)

@@ -7,7 +7,9 @@ For every subdomain of each grid it reads the split's subdomain the way a rank d
 (:func:`ddmpi.data.reader.load_subdomain`: block-wise hyperslabs of whole chunks) through a file
 object that counts the bytes HDF5 asks for, and prints them against the split's image bytes.
 ``--lazy-batches B`` also times random batches of ``B`` samples read on demand
-(:class:`ddmpi.data.reader.SubdomainDataset` with ``in_memory=False``).
+(:class:`ddmpi.data.reader.SubdomainDataset` with ``in_memory=False``). Times are the median
+of ``--repeat`` reads with their range (min..max); ``--dtype uint8`` writes the converted sets
+in 8-bit storage (format v2), whose bytes are counted with their own item size.
 
 Without ``--data`` it converts ``--src`` (MNIST IDX .gz, default ``../shared/data/mnist-test10k``)
 into a temporary ddmpi data set (seeded 8,000 / 1,000 / 1,000 split) with a few lines of numpy,
@@ -98,7 +100,7 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def convert_mnist(src, out, depth=None, n3d=1000):
+def convert_mnist(src, out, depth=None, n3d=1000, dtype="float32"):
     """Write the MNIST IDX files in ``src`` as a ddmpi data set (seeded 80/10/10 split).
 
     ``depth``: stack that many consecutive digits into one (1, depth, 28, 28) volume
@@ -123,7 +125,7 @@ def convert_mnist(src, out, depth=None, n3d=1000):
              "test": order[n_train + n_val:]}
     with DatasetWriter(out, name="mnist3d" if depth else "mnist", classes=list(range(10)),
                        converter="benchmarks.bench_io",
-                       provenance={"source": str(src), "depth": depth}) as writer:
+                       provenance={"source": str(src), "depth": depth}, dtype=dtype) as writer:
         for split, idx in parts.items():
             writer.write_split(split, x[np.sort(idx)], y[np.sort(idx)])
     return Path(out)
@@ -180,7 +182,7 @@ def rchar():
         return None
 
 
-def bench_file(path, split, specs, lazy_batches=0, rng=None):
+def bench_file(path, split, specs, lazy_batches=0, rng=None, repeat=3):
     from ddmpi.data.decomposition import Decomposition
     from ddmpi.data.reader import SubdomainDataset, load_subdomain
     from ddmpi.data.schema import read_info
@@ -189,16 +191,18 @@ def bench_file(path, split, specs, lazy_batches=0, rng=None):
     with h5py.File(path, "r") as f:
         dset = f[split]["images"]
         chunks, n = dset.chunks, dset.shape[0]
-    image_bytes = n * info.channels * int(np.prod(info.spatial_shape)) * 4
+    item = info.itemsize
+    image_bytes = n * info.channels * int(np.prod(info.spatial_shape)) * item
     print(f"\n{path.name}: split {split!r}, {n} samples of {info.channels}x"
-          f"{'x'.join(map(str, info.spatial_shape))} float32 = {image_bytes / 2**20:.2f} MiB of "
-          f"images; chunks {chunks} ({np.prod(chunks) * 4 / 1024:.0f} KiB)")
+          f"{'x'.join(map(str, info.spatial_shape))} {info.storage_dtype} = "
+          f"{image_bytes / 2**20:.2f} MiB of images; chunks {chunks} "
+          f"({np.prod(chunks) * item / 1024:.0f} KiB)")
     print("  read = bytes HDF5 reads for load_subdomain (counting file object; data, labels and "
           "the metadata it needs);\n  rchar = all bytes the process read (real file, incl. "
           "read_info's validation); own = the subdomain's bytes; tiles = chunk tiles touched")
     print(f"{'grid':>8} {'ov':>3} {'sub':>10} {'shape':>10} {'own MiB':>8} {'read MiB':>9} "
           f"{'read/all':>9} {'rchar/all':>9} {'own/all':>8} {'tiles':>6} {'reads':>6} "
-          f"{'ms':>7} {'MiB/s':>7}")
+          f"{'ms med':>7} {'ms range':>13} {'MiB/s':>7}")
     rows = []
     for spec in specs:
         grid, overlap = parse_grid_spec(spec)
@@ -208,28 +212,33 @@ def bench_file(path, split, specs, lazy_batches=0, rng=None):
             print(f"{grid:>8} {overlap:>3}  skipped: {err}")
             continue
         for sub in dec:
-            own = n * info.channels * int(np.prod(dec.subdomain_shape(sub))) * 4
+            own = n * info.channels * int(np.prod(dec.subdomain_shape(sub))) * item
             with counting_reader() as counters:
                 load_subdomain(path, split, dec, sub)
             read = sum(c.bytes_read for c in counters)
-            r0 = rchar()
-            t0 = time.perf_counter()
-            x, _ = load_subdomain(path, split, dec, sub)  # the real path (sec2 driver)
-            seconds = time.perf_counter() - t0
-            real = rchar() - r0 if r0 is not None else float("nan")
+            times = []
+            for _ in range(max(1, repeat)):
+                r0 = rchar()
+                t0 = time.perf_counter()
+                x, _ = load_subdomain(path, split, dec, sub)  # the real path (sec2 driver)
+                times.append(time.perf_counter() - t0)
+                real = rchar() - r0 if r0 is not None else float("nan")
+                del x
+            seconds = float(np.median(times))
             row = dict(file=path.name, split=split, grid=grid, overlap=overlap, subdomain=sub,
                        index=dec.index(sub), shape=dec.subdomain_shape(sub), own_bytes=own,
                        bytes_read=read, rchar=real, image_bytes=image_bytes,
                        ratio=read / image_bytes, rchar_ratio=real / image_bytes,
                        own_ratio=own / image_bytes, tiles=tiles_touched(dec, sub, chunks),
-                       reads=sum(c.reads for c in counters), seconds=seconds)
+                       reads=sum(c.reads for c in counters), seconds=seconds,
+                       seconds_all=times)
             rows.append(row)
             print(f"{grid:>8} {overlap:>3} {str(dec.index(sub)):>10} "
                   f"{'x'.join(map(str, row['shape'])):>10} {own / 2**20:8.2f} "
                   f"{read / 2**20:9.2f} {row['ratio']:9.4f} {row['rchar_ratio']:9.4f} "
                   f"{row['own_ratio']:8.4f} {row['tiles']:6.3f} {row['reads']:6d} "
-                  f"{seconds * 1e3:7.1f} {own / 2**20 / seconds:7.0f}")
-            del x
+                  f"{seconds * 1e3:7.1f} {min(times) * 1e3:6.1f}..{max(times) * 1e3:<6.1f}"
+                  f"{own / 2**20 / seconds:7.0f}")
         if lazy_batches:
             sub = dec.num_subdomains - 1
             with counting_reader() as counters:
@@ -237,20 +246,23 @@ def bench_file(path, split, specs, lazy_batches=0, rng=None):
                 ds[0]  # open the file
                 start = sum(c.bytes_read for c in counters)
                 batches = [rng.choice(n, lazy_batches, replace=False) for _ in range(5)]
-                t0 = time.perf_counter()
+                times = []
                 for idx in batches:
+                    t0 = time.perf_counter()
                     ds.read_block(idx)
-                seconds = (time.perf_counter() - t0) / len(batches)
+                    times.append(time.perf_counter() - t0)
+                seconds = float(np.median(times))
                 read = (sum(c.bytes_read for c in counters) - start) / len(batches)
                 ds.close()
-            own = lazy_batches * info.channels * int(np.prod(dec.subdomain_shape(sub))) * 4
+            own = lazy_batches * info.channels * int(np.prod(dec.subdomain_shape(sub))) * item
             print(f"{grid:>8} {overlap:>3} {'lazy':>10} random batch of {lazy_batches} from "
                   f"subdomain {dec.index(sub)}: {read / 2**10:.1f} KiB read for "
-                  f"{own / 2**10:.1f} KiB of samples, {seconds * 1e3:.1f} ms/batch "
-                  f"(through the counting file object)")
+                  f"{own / 2**10:.1f} KiB of samples, {seconds * 1e3:.1f} ms/batch (median of "
+                  f"{len(times)}, {min(times) * 1e3:.1f}..{max(times) * 1e3:.1f}; through the "
+                  f"counting file object)")
             rows.append(dict(file=path.name, split=split, grid=grid, overlap=overlap,
                              subdomain=sub, lazy_batch=lazy_batches, bytes_read=read,
-                             own_bytes=own, seconds=seconds))
+                             own_bytes=own, seconds=seconds, seconds_all=times))
     return rows
 
 
@@ -269,6 +281,10 @@ def main(argv=None):
     parser.add_argument("--layout", choices=["schema", "even"], default="schema",
                         help="chunks of the converted sets: the schema's, or with the sample "
                              "extent evened out over the chunk rows (no padded last row)")
+    parser.add_argument("--dtype", choices=["float32", "uint8"], default="float32",
+                        help="storage of the converted sets (default float32)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed reads of each subdomain (median and range reported)")
     parser.add_argument("--json", type=Path, help="write all rows as JSON")
     args = parser.parse_args(argv)
 
@@ -280,14 +296,16 @@ def main(argv=None):
             if not args.src.is_dir():
                 sys.exit(f"{args.src}: MNIST folder not found; give --data FILE.h5 or --src DIR")
             with chunk_layout(args.layout):
-                data = convert_mnist(args.src, Path(tmp) / "mnist.h5")
-        rows += bench_file(data, args.split, args.grids, args.lazy_batches, rng)
+                data = convert_mnist(args.src, Path(tmp) / "mnist.h5", dtype=args.dtype)
+        rows += bench_file(data, args.split, args.grids, args.lazy_batches, rng, args.repeat)
         if args.three_d:
             if not args.src.is_dir():
                 sys.exit(f"{args.src}: MNIST folder not found for the 3D set")
             with chunk_layout(args.layout):
-                vol = convert_mnist(args.src, Path(tmp) / "mnist3d.h5", depth=16)
-            rows += bench_file(vol, args.split, ["2x2x2:2"], args.lazy_batches, rng)
+                vol = convert_mnist(args.src, Path(tmp) / "mnist3d.h5", depth=16,
+                                    dtype=args.dtype)
+            rows += bench_file(vol, args.split, ["2x2x2:2"], args.lazy_batches, rng,
+                               args.repeat)
     main_rows = [r for r in rows if r.get("grid") == "2x2" and r.get("overlap") == 2
                  and "lazy_batch" not in r]
     if main_rows:

@@ -8,12 +8,13 @@ Runs ``ddmpi train`` on the same configuration (default: the real MNIST 10k set,
 ``benchmarks/configs/mnist10k_2x2.yaml``: 2x2 subdomains, overlap 2, ``run.threads_per_rank=1``)
 with each rank count P, so that every rank owns S/P of the S subdomains, and prints
 
-- the local phase (load_data + local_training + local_inference of the slowest rank, from
-  ``metrics.json``'s ``timings_seconds``), the speed-up T(1)/T(P) and the parallel efficiency
-  E(P) = T(1) / (P * T(P)); the whole job's wall time (mpirun to exit) and ddmpi's own wall time;
+- the local phase (local_training + local_inference of the slowest rank, from
+  ``metrics.json``'s ``timings``; opening the data sources is not timed as a phase of its
+  own), the speed-up T(1)/T(P) and the parallel efficiency E(P) = T(1) / (P * T(P)) at the
+  medians over the repeats; the whole job's wall time (mpirun to exit) and ddmpi's own wall time;
 - E_cpu(P): the same ratio computed from the CPU seconds of the local phase (``process_time``,
-  recorded by a wrapper around ``ddmpi.strategies.cnn_dnn.PhaseTimer``, no change to ddmpi): the efficiency
-  the run would have with one idle core per rank. On a shared machine the wall-time figure
+  recorded by a wrapper around ``ddmpi.strategies.base.PhaseTimer``, no change to ddmpi): the
+  efficiency the run would have with one idle core per rank. On a shared machine the wall-time figure
   depends on what else runs; E_cpu much less so. Also the load average around each run;
 - bytes read per rank: every rank reads its subdomains of the train, val and test splits
   (:func:`ddmpi.data.reader.load_subdomain`); the benchmark reads them here through the counting file
@@ -23,8 +24,10 @@ with each rank count P, so that every rank owns S/P of the S subdomains, and pri
 
 P larger than the machine's cores is oversubscribed (marked); its efficiency measures the
 machine, not ddmpi. The acceptance figure is E(2) >= 0.9 (on a 2-core machine). With
-``--repeat R`` the rank counts run interleaved R times and the fastest run of each counts
-(a shared machine only ever slows a run down).
+``--repeat R`` the rank counts run interleaved R times; the tables give the median of each rank
+count with the range (min..max) of the R runs, and E(2) is reported for every pair (repeat i of
+1 rank with repeat i of 2 ranks, run next to each other) with the mean +- std of the per-pair
+efficiencies (no best-of selection).
 
 If the data set is missing it is prepared from ``--src`` (``python -m data_prep mnist --src
 ../shared/data/mnist-test10k --out data/mnist10k.h5 --val-fraction 0.1 --test-fraction 0.1``).
@@ -46,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "mnist10k_2x2.yaml"
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "mnist-test10k"
-LOCAL_PHASES = ("load_data", "local_training", "local_inference")
+LOCAL_PHASES = ("local_training", "local_inference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,22 +57,23 @@ LOCAL_PHASES = ("load_data", "local_training", "local_inference")
 # ---------------------------------------------------------------------------------------------
 
 def worker(argv):
-    """``ddmpi train`` (``argv``) with ``cpu:<phase>`` entries added to ``timings_seconds``."""
-    from ddmpi.strategies import cnn_dnn as train
+    """``ddmpi train`` (``argv``) with ``cpu:<phase>`` entries added to ``timings``."""
     from ddmpi.cli import main
+    from ddmpi.strategies import base
 
-    class CpuPhaseTimer(train.PhaseTimer):
-        @contextmanager
-        def __call__(self, phase):
-            cpu = time.process_time()
-            try:
-                with super().__call__(phase):
-                    yield
-            finally:
-                key = f"cpu:{phase}"
-                self.seconds[key] = self.seconds.get(key, 0.0) + time.process_time() - cpu
+    wall_timer = base.PhaseTimer.__call__  # RunContext's default_factory holds the class itself
 
-    train.PhaseTimer = CpuPhaseTimer
+    @contextmanager
+    def cpu_and_wall(self, phase):
+        cpu = time.process_time()
+        try:
+            with wall_timer(self, phase):
+                yield
+        finally:
+            key = f"cpu:{phase}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.process_time() - cpu
+
+    base.PhaseTimer.__call__ = cpu_and_wall
     return main(["train", *argv])
 
 
@@ -109,7 +113,17 @@ def local_phase(timings, prefix=""):
 
 def slowest_local(metrics, prefix=""):
     """Local phase of the slowest rank (wall seconds, or CPU seconds with prefix 'cpu:')."""
-    return max(local_phase(t, prefix) for t in metrics["timings_seconds"].values())
+    return max(local_phase(t, prefix) for t in metrics["timings"].values())
+
+
+def accuracies(metrics):
+    """Test accuracy of every combiner."""
+    return {name: m["accuracy"] for name, m in metrics["combiners"].items()}
+
+
+def spread(values):
+    """``median (min..max)`` of a list of numbers."""
+    return f"{np.median(values):.1f} ({min(values):.1f}..{max(values):.1f})"
 
 
 def bytes_per_rank(data, decomposition, rank_counts):
@@ -117,9 +131,9 @@ def bytes_per_rank(data, decomposition, rank_counts):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_io import counting_reader
 
-    from ddmpi.parallel.mapping import assign_subdomains
     from ddmpi.data.reader import load_subdomain
     from ddmpi.data.schema import read_info
+    from ddmpi.parallel.layout import assign_subdomains
 
     info = read_info(data)
     splits = ("train", "val", "test")
@@ -130,9 +144,9 @@ def bytes_per_rank(data, decomposition, rank_counts):
                 load_subdomain(data, split, decomposition, sub)
         per_sub[sub] = sum(c.bytes_read for c in counters)
         own_per_sub[sub] = sum(info.splits[s] for s in splits) * info.channels * int(
-            np.prod(decomposition.subdomain_shape(sub))) * 4
+            np.prod(decomposition.subdomain_shape(sub))) * info.itemsize
     image_bytes = sum(info.splits[s] for s in splits) * info.channels * int(
-        np.prod(info.spatial_shape)) * 4
+        np.prod(info.spatial_shape)) * info.itemsize
     layout = {}
     for p in rank_counts:
         owned = assign_subdomains(decomposition.num_subdomains, p)
@@ -164,8 +178,8 @@ def main(argv=None):
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--epochs", type=int, default=2, help="local.epochs (default 2)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run every rank count this many times (interleaved); the fastest "
-                             "local phase of each counts")
+                        help="run every rank count this many times (interleaved); medians "
+                             "with their range, E(2) per pair of runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="further config overrides, e.g. --set coarse.epochs=50")
     parser.add_argument("--cores", type=int, default=os.cpu_count(),
@@ -204,47 +218,53 @@ def main(argv=None):
             print(f"  ranks {p} (repeat {rep + 1}): local phase {slowest_local(m):.1f} s, "
                   f"job {m['bench']['job_wall']:.1f} s, load {m['bench']['load_before']:.1f}"
                   f" -> {m['bench']['load_after']:.1f}", flush=True)
-    best = {p: min(ms, key=slowest_local) for p, ms in runs.items()}
+    med = {p: float(np.median([slowest_local(m) for m in ms])) for p, ms in runs.items()}
+    med_cpu = {p: float(np.median([slowest_local(m, "cpu:") for m in ms]))
+               for p, ms in runs.items()}
 
     base_p = ranks[0]
-    t_base = slowest_local(best[base_p]) * base_p
-    c_base = slowest_local(best[base_p], "cpu:") * base_p
+    t_base, c_base = med[base_p] * base_p, med_cpu[base_p] * base_p
     rows = []
-    print(f"\nstrong scaling of the local phase (slowest rank's load_data + local_training + "
+    print(f"\nstrong scaling of the local phase (slowest rank's local_training + "
           f"local_inference), {dec.num_subdomains} subdomains, 1 thread per rank, "
-          f"{args.epochs} epochs, best of {args.repeat}")
-    print(f"{'ranks':>5} {'subs/rank':>9} {'over-sub':>8} {'local s':>8} {'speed-up':>8} "
-          f"{'E(P)':>6} {'cpu s':>7} {'E_cpu':>6} {'job s':>7} {'ddmpi s':>7} {'job cpu s':>9} "
-          f"{'load':>11} {'cnn_dnn':>8}")
+          f"{args.epochs} epochs; median (min..max) of {args.repeat} run(s); speed-up and E(P) "
+          f"at the medians")
+    print(f"{'ranks':>5} {'subs/rank':>9} {'over-sub':>8} {'local s':>20} {'speed-up':>8} "
+          f"{'E(P)':>6} {'cpu s':>20} {'E_cpu':>6} {'job s':>20} {'ddmpi s':>20} "
+          f"{'cnn_dnn %':>9}")
     for p in ranks:
-        m, b = best[p], best[p]["bench"]
-        t, c = slowest_local(m), slowest_local(m, "cpu:")
+        ms = runs[p]
+        t, c = med[p], med_cpu[p]
+        local_all = [slowest_local(x) for x in ms]
+        cpu_all = [slowest_local(x, "cpu:") for x in ms]
+        job_all = [x["bench"]["job_wall"] for x in ms]
+        ddmpi_all = [x["wall_seconds"] for x in ms]
+        acc_all = [x["combiners"]["cnn_dnn"]["accuracy"] for x in ms]
         row = dict(ranks=p, subdomains_per_rank=dec.num_subdomains / p,
                    oversubscribed=p > args.cores, local_seconds=t, speedup=t_base / t,
                    efficiency=t_base / (p * t), local_cpu_seconds=c,
-                   efficiency_cpu=c_base / (p * c), job_wall=b["job_wall"],
-                   ddmpi_wall=m["wall_seconds"], job_cpu=b["job_cpu"],
-                   load_before=b["load_before"], load_after=b["load_after"],
-                   cnn_dnn=m["global"]["cnn_dnn"]["test_accuracy"],
-                   per_rank={r: {k: v for k, v in tm.items()}
-                             for r, tm in m["timings_seconds"].items()},
-                   all_local_seconds=[slowest_local(x) for x in runs[p]])
+                   efficiency_cpu=c_base / (p * c), all_local_seconds=local_all,
+                   all_local_cpu_seconds=cpu_all, all_job_wall=job_all,
+                   all_ddmpi_wall=ddmpi_all, cnn_dnn=acc_all,
+                   load=[(x["bench"]["load_before"], x["bench"]["load_after"]) for x in ms],
+                   per_rank=[x["timings"] for x in ms])
         rows.append(row)
-        print(f"{p:>5} {row['subdomains_per_rank']:>9g} {'yes' if row['oversubscribed'] else 'no':>8}"
-              f" {t:8.1f} {row['speedup']:8.2f} {row['efficiency']:6.3f} {c:7.1f} "
-              f"{row['efficiency_cpu']:6.3f} {b['job_wall']:7.1f} {m['wall_seconds']:7.1f} "
-              f"{b['job_cpu']:9.1f} {b['load_before']:5.1f}->{b['load_after']:<5.1f} "
-              f"{100 * row['cnn_dnn']:7.2f}%")
-    print("\nper rank (best run of each P): wall seconds of load_data / local_training / "
-          "local_inference (cpu seconds of the local phase)")
+        print(f"{p:>5} {row['subdomains_per_rank']:>9g} "
+              f"{'yes' if row['oversubscribed'] else 'no':>8} {spread(local_all):>20} "
+              f"{row['speedup']:8.2f} {row['efficiency']:6.3f} {spread(cpu_all):>20} "
+              f"{row['efficiency_cpu']:6.3f} {spread(job_all):>20} {spread(ddmpi_all):>20} "
+              f"{100 * np.median(acc_all):9.2f}")
+    print("\nper rank, every run: wall seconds of local_training / local_inference (cpu "
+          "seconds of the local phase); load average before -> after")
     for p in ranks:
-        parts = []
-        for r, tm in best[p]["timings_seconds"].items():
-            parts.append(f"r{r}: " + "/".join(f"{tm.get(ph, 0.0):.1f}" for ph in LOCAL_PHASES)
-                         + f" ({local_phase(tm, 'cpu:'):.1f})")
-        print(f"  P={p}: " + ", ".join(parts))
-    same = all(best[p]["global"] == best[base_p]["global"] for p in ranks)
-    print(f"identical global test results across rank counts: {same}")
+        for i, m in enumerate(runs[p]):
+            parts = [f"r{r}: " + "/".join(f"{tm.get(ph, 0.0):.1f}" for ph in LOCAL_PHASES)
+                     + f" ({local_phase(tm, 'cpu:'):.1f})" for r, tm in m["timings"].items()]
+            print(f"  P={p} run {i + 1}: " + ", ".join(parts)
+                  + f"; load {m['bench']['load_before']:.1f} -> {m['bench']['load_after']:.1f}")
+    same = all(accuracies(m) == accuracies(runs[base_p][0])
+               for ms in runs.values() for m in ms)
+    print(f"identical test accuracies of every combiner across rank counts and repeats: {same}")
 
     layout, image_bytes = bytes_per_rank(data, dec, ranks)
     print(f"\nbytes read per rank (load_subdomain of its subdomains, train+val+test, counting "
@@ -261,14 +281,26 @@ def main(argv=None):
         print(f"{p:>5} {'all':>4} {'':>12} {'':>8} {total / 2**20:9.2f} "
               f"{total / image_bytes:9.4f}")
 
+    pairs = []
     if 2 in ranks and base_p == 1:
-        e2 = next(r["efficiency"] for r in rows if r["ranks"] == 2)
-        print(f"\nacceptance: parallel efficiency of the local phase at 2 ranks E(2) = "
-              f"{e2:.3f} ({'meets' if e2 >= 0.9 else 'misses'} >= 0.9); load average now "
+        print("\nE(2) of every pair of runs (repeat i of 1 rank with repeat i of 2 ranks): "
+              "T1 / (2 T2), wall and cpu")
+        for i, (m1, m2) in enumerate(zip(runs[1], runs[2])):
+            t1, t2 = slowest_local(m1), slowest_local(m2)
+            c1, c2 = slowest_local(m1, "cpu:"), slowest_local(m2, "cpu:")
+            pairs.append(dict(repeat=i + 1, t1=t1, t2=t2, efficiency=t1 / (2 * t2),
+                              efficiency_cpu=c1 / (2 * c2)))
+            print(f"  pair {i + 1}: T1 {t1:.1f} s, T2 {t2:.1f} s, E(2) {t1 / (2 * t2):.3f}, "
+                  f"E_cpu(2) {c1 / (2 * c2):.3f}")
+        eff = np.array([x["efficiency"] for x in pairs])
+        std = eff.std(ddof=1) if len(eff) > 1 else float("nan")
+        print(f"acceptance: parallel efficiency of the local phase at 2 ranks E(2) = "
+              f"{eff.mean():.3f} +- {std:.3f} (mean +- std over {len(eff)} pair(s); "
+              f"{'meets' if eff.mean() >= 0.9 else 'misses'} >= 0.9); load average now "
               f"{os.getloadavg()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "bytes": {str(p): v for p, v in
+        args.json.write_text(json.dumps({"rows": rows, "pairs": pairs, "bytes": {str(p): v for p, v in
                                          layout.items()}, "image_bytes": image_bytes,
                                          "epochs": args.epochs, "cores": args.cores},
                                         indent=1, default=str))

@@ -50,14 +50,13 @@ def plain(args, device):
 
 def ddmpi_loop(args, device):
     model, x, y = model_and_data(args, device)
-    source = TensorSource(x, y, Normalization(mean=[0.5] * 3, std=[0.25] * 3, scale=1 / 255))
-    source = source.to(device)
+    x = (x.float() / 255 - 0.5) / 0.25  # the plain loop's tensors; identity normalisation
+    source = TensorSource(x, y, Normalization(mean=[0.0] * 3, std=[1.0] * 3)).to(device)
     cfg_opt = type("O", (), {"name": "adam", "lr": 1e-3, "weight_decay": 0.0})
     opt = make_optimizer(model.parameters(), cfg_opt)
     sched = make_scheduler(opt, type("S", (), {"name": "none"}), args.epochs)
     trainer = Trainer(model, opt, sched, args.epochs)
-    step = Step(device, amp=device.type == "cuda",
-                channels_last=device.type == "cuda")
+    step = Step(device, amp=device.type == "cuda", channels_last=args.channels_last)
     if step.channels_last:
         model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
@@ -82,6 +81,8 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="ddmpi's loop with channels_last (run.channels_last) on")
     args = parser.parse_args()
     device = torch.device(args.device)
     plain(args, device), ddmpi_loop(args, device)  # warm-up (kernels, allocator)

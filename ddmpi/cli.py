@@ -19,9 +19,10 @@ def _user_errors():
     from ddmpi.parallel.layout import MappingError
     from ddmpi.strategies.coherent import TransferError
     from ddmpi.strategies.rundir import RunDirError
+    from ddmpi.training.checkpoint import CheckpointError
 
-    return (ConfigError, DatasetError, MappingError, RunDirError, TransferError,
-            FileNotFoundError)
+    return (CheckpointError, ConfigError, DatasetError, MappingError, RunDirError,
+            TransferError, FileNotFoundError)
 
 
 def build_parser():

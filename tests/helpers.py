@@ -87,3 +87,22 @@ def digits_subimages(start, stop):
     subs = {i * 2 + j: torch.from_numpy(np.ascontiguousarray(
         images[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4])) for i in range(2) for j in range(2)}
     return subs, torch.from_numpy(labels)
+
+
+def serial_context(run_dir, overrides=(), resume=False):
+    """A single-process, CPU :class:`ddmpi.strategies.base.RunContext` for driving
+    ``ddmpi.strategies.local.train_cnn`` on in-memory sources (no data set file needed)."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from ddmpi.config import load_config
+    from ddmpi.parallel.group import Group
+    from ddmpi.strategies.base import RunContext
+
+    config = load_config(None, [f"run.dir={run_dir}", "run.device=cpu",
+                                  "data.path=unused.h5", *overrides])
+    return RunContext(config, Group.single(), Path(run_dir), logging.getLogger("ddmpi.tests"),
+                      SimpleNamespace(spatial_dims=2), SimpleNamespace(device=torch.device("cpu")),
+                      resume)

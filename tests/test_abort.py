@@ -12,12 +12,12 @@ from helpers import mpirun
 FAILING_RANK_SCRIPT = textwrap.dedent("""
     import sys
     from mpi4py import MPI
-    import ddmpi.strategies.cnn_dnn
+    import ddmpi.strategies.local
 
     if MPI.COMM_WORLD.rank == int(sys.argv[1]):
         def missing_file(*args, **kwargs):
             raise FileNotFoundError("/scratch/lost/digits.h5: seen by this rank alone")
-        ddmpi.strategies.cnn_dnn._train_subdomain = missing_file
+        ddmpi.strategies.local.train_subdomain = missing_file
     from ddmpi.cli import main
     sys.exit(main(sys.argv[2:]))
 """)

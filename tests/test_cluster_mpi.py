@@ -10,6 +10,7 @@ import torch
 from helpers import assert_all
 
 from ddmpi.parallel.cluster import bind_process, node_local_rank, select_device
+from ddmpi.parallel.group import Group
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -87,9 +88,25 @@ def test_each_rank_gets_its_own_gpu_when_there_are_enough(comm):
 def test_bind_process_logs_every_rank(comm):
     before = torch.get_num_threads()
     try:
-        binding = bind_process(comm, "cpu", "auto", environ={"SLURM_CPUS_PER_TASK": "1"})
+        binding = bind_process(Group.world(), "cpu", "auto",
+                               environ={"SLURM_CPUS_PER_TASK": "1"})
+        alone = bind_process(None, "cpu", 1, environ={})
     finally:
         torch.set_num_threads(before)
     line = str(binding)
     assert_all(comm, f"rank={comm.Get_rank()}/{comm.Get_size()}" in line, line)
     assert_all(comm, binding.device == torch.device("cpu") and binding.threads == 1, line)
+    assert_all(comm, (alone.world_rank, alone.world_size, alone.threads) == (0, 1, 1), str(alone))
+
+
+def test_bind_process_over_a_sub_group(comm):
+    world = Group.world()
+    half = world.split(world.rank % 2)
+    before = torch.get_num_threads()
+    try:
+        binding = bind_process(half, "cpu", 1, environ={})
+    finally:
+        torch.set_num_threads(before)
+        half.free()
+    assert_all(comm, (binding.world_rank, binding.world_size) == (comm.rank // 2,
+               (comm.size - comm.rank % 2 + 1) // 2), str(binding))

@@ -15,8 +15,13 @@ from ddmpi.config import load_config
 from ddmpi.data.schema import Normalization
 from ddmpi.data.sources import TensorSource
 from ddmpi.models.cnn import build_cnn
-from ddmpi.models.coherent import (CoherentCNNDNN, CoherentError, GatherDecisions, RngStream,
-                                   SubdomainLayout)
+from ddmpi.models.coherent import (
+    CoherentCNNDNN,
+    CoherentError,
+    GatherDecisions,
+    RngStream,
+    SubdomainLayout,
+)
 from ddmpi.strategies.base import RunContext
 from ddmpi.strategies.coherent import Joint
 from ddmpi.training.loop import Step, Trainer, fit, predict_proba

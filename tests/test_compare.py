@@ -1,20 +1,26 @@
-"""``ddmpi compare`` pieces without MPI: the compare config section, the global width rule, the
-coherent model's coarse input, the comparison table and plot."""
+"""``ddmpi compare`` pieces without MPI: the compare config section, the global width rules
+(compute- and parameter-matched), the strategy list, summarise (mean +- std over seeds, paired
+tests), the comparison table, Markdown and plot, the command line."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
-from ddmpi.coarse import combiners
-from ddmpi.strategies.global_ddp import global_build_kwargs, global_width
 from ddmpi.cli import build_parser
-from ddmpi.strategies.coherent import LogInputs, coarse_module
-from ddmpi.commands.compare import build_comparison, format_markdown, format_table, plot_comparison, \
-    time_to_target
+from ddmpi.commands.compare import paired_tests, strategies, summarise
 from ddmpi.config import ConfigError, load_config
-from ddmpi.models.cnn import CoarseDNN, build_cnn, count_parameters
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.models.cnn import build_cnn, count_parameters
+from ddmpi.models.flops import training_flops
+from ddmpi.report.comparison import format_markdown, format_table, plot_comparison
+from ddmpi.report.stats import classification_metrics
+from ddmpi.strategies.base import RunResult
+from ddmpi.strategies.cnn_dnn import CNNDNN
+from ddmpi.strategies.coherent import Coherent, CoherentTransfer
+from ddmpi.strategies.global_ddp import GlobalDDP, global_width, local_budget
+from ddmpi.strategies.local import build_kwargs
 
 
 def _config(*overrides):
@@ -24,14 +30,15 @@ def _config(*overrides):
 def test_compare_section_defaults_and_validation():
     cmp = _config().compare
     assert cmp.strategies == ["global_ddp", "cnn_dnn", "coherent", "coherent_transfer"]
-    assert cmp.global_width_factor == "auto" and cmp.coherent_epochs is None
+    assert cmp.global_widths == ["compute", "parameters"]
+    assert cmp.seeds == 1 and cmp.coherent_epochs is None
     for bad, field in [("compare.strategies=[global, cnn_dnn]", "compare.strategies"),
                        ("compare.strategies=[]", "compare.strategies"),
                        ("compare.strategies=[coherent, coherent]", "compare.strategies"),
                        ("compare.strategies=[coherent_transfer]", "compare.strategies"),
-                       ("compare.global_width_factor=wide", "compare.global_width_factor"),
-                       ("compare.global_width_factor=0", "compare.global_width_factor"),
-                       ("compare.global_width=0", "compare.global_width"),
+                       ("compare.global_widths=[wide]", "compare.global_widths"),
+                       ("compare.global_widths=[0]", "compare.global_widths"),
+                       ("compare.seeds=0", "compare.seeds"),
                        ("compare.coherent_epochs=-1", "compare.coherent_epochs"),
                        ("compare.coherent_lr=0", "compare.coherent_lr"),
                        ("compare.transfer_lr_factor=-1", "compare.transfer_lr_factor"),
@@ -39,122 +46,192 @@ def test_compare_section_defaults_and_validation():
                        ("compare.width=3", "compare.width")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             _config(bad)
-    ok = _config("compare.strategies=[coherent_transfer]", "compare.transfer_from=runs/x")
+    ok = _config("compare.strategies=[coherent_transfer]", "compare.transfer_from=runs/x",
+                 "compare.global_widths=[compute, 12]", "compare.seeds=3")
     assert ok.compare.strategies == ["coherent_transfer"]
+    assert ok.compare.global_widths == ["compute", 12] and ok.compare.seeds == 3
 
 
-def test_global_width_rule_gives_the_local_networks_together_about_the_global_parameters():
-    assert global_width(_config("local.model.width=16", "decomposition.grid=[2, 2]"), 4) == 32
-    assert global_width(_config("local.model.width=16", "compare.global_width=20"), 4) == 20
-    assert global_width(_config("local.model.width=16",
-                                "compare.global_width_factor=1.5"), 4) == 24
-    # 2x2 MNIST (28x28, overlap 2 -> 16x16 subimages): local width 16, global width 32
-    local = build_cnn("vgg", 2, 1, 10, (16, 16), depth=2, width=16)
-    config = _config("local.model.width=16", "decomposition.grid=[2, 2]")
-
-    class Info:
-        spatial_dims, channels, num_classes, spatial_shape = 2, 1, 10, (28, 28)
-
-    kwargs = global_build_kwargs(config, Info)
-    assert kwargs["input_shape"] == (28, 28) and kwargs["width"] == 32
-    ratio = count_parameters(build_cnn(**kwargs)) / (4 * count_parameters(local))
-    assert 0.9 < ratio < 1.1
-
-
-def test_coarse_module_sees_what_the_cnn_dnn_coarse_dnn_was_trained_on():
-    torch.manual_seed(0)
-    coarse = CoarseDNN(4 * 10, 10, hidden=(16,)).eval()
-    probs = np.random.default_rng(0).dirichlet(np.ones(10), size=(4, 32)).astype(np.float32)
-    flat = torch.from_numpy(probs.transpose(1, 0, 2).reshape(32, 40))
-    for inputs in ("log", "prob"):
-        ref = combiners.coarse_predict(coarse, probs, inputs)
-        with torch.no_grad():
-            got = torch.softmax(coarse_module(coarse, inputs)(flat), 1).numpy()
-        assert np.abs(got - ref).max() < 1e-6
-    assert isinstance(coarse_module(coarse, "log"), LogInputs)
-    assert coarse_module(coarse, "prob") is coarse
-    with pytest.raises(ValueError):
-        coarse_module(coarse, "logits")
+def test_strategies_expand_the_global_widths_in_order():
+    config = _config("compare.global_widths=[compute, parameters, 6]")
+    runs = strategies(config)
+    assert [name for name, _ in runs] == [
+        "global_ddp[compute]", "global_ddp[parameters]", "global_ddp[6]", "cnn_dnn",
+        "coherent", "coherent_transfer"]
+    classes = dict(runs)
+    assert [classes[f"global_ddp[{w}]"].width_rule for w in ("compute", "parameters", 6)] == [
+        "compute", "parameters", 6]
+    assert all(issubclass(classes[f"global_ddp[{w}]"], GlobalDDP)
+               for w in ("compute", "parameters", 6))
+    assert classes["cnn_dnn"] is CNNDNN and classes["coherent"] is Coherent
+    assert classes["coherent_transfer"] is CoherentTransfer
+    only = strategies(_config("compare.strategies=[coherent, global_ddp]",
+                              "compare.global_widths=[parameters]"))
+    assert [name for name, _ in only] == ["coherent", "global_ddp[parameters]"]
 
 
-def test_time_to_target():
-    curve = [{"elapsed": 10.0, "val_accuracy": 0.5}, {"elapsed": 20.0, "val_accuracy": 0.9}]
-    assert time_to_target(curve, 0.9) == 20.0
-    assert time_to_target(curve, 0.4, offset=5.0) == 15.0
-    assert time_to_target(curve, 0.95) is None
+MNIST = SimpleNamespace(spatial_dims=2, channels=1, num_classes=10, spatial_shape=(28, 28))
 
 
-def _fake_runs():
-    def curve(accs, step):
-        return [{"epoch": i + 1, "elapsed": step * (i + 1), "val_accuracy": a,
-                 "val_loss": 1 - a} for i, a in enumerate(accs)]
-
-    def result(acc):
-        return {"test_accuracy": acc, "per_class_accuracy": {"0": acc, "1": acc},
-                "confusion_matrix": [[1, 0], [0, 1]]}
-
-    timings = {"0": {"training": 9.0}, "1": {"training": 10.0}}
-    return {
-        "global_ddp": ({"test_accuracy": 0.95, "global": {"global_ddp": result(0.95)},
-                        "parameters": 1000, "epochs": 2, "best_epoch": 2,
-                        "history": curve([0.9, 0.96], 50.0), "timings_seconds": timings,
-                        "model": {"family": "vgg", "depth": 2, "width": 32,
-                                  "input_shape": [28, 28]}}, 100.0),
-        "cnn_dnn": ({"global": {n: result(a) for n, a in [("cnn_dnn", 0.94),
-                                                         ("majority_vote", 0.9),
-                                                         ("average_probabilities", 0.92)]},
-                     "local": {"0": {"best_epoch": 2}, "1": {"best_epoch": 2}},
-                     "parameters": {"local_total": 800, "coarse": 50},
-                     "timings_seconds": timings}, 40.0),
-        "coherent": ({"test_accuracy": 0.93, "global": {"coherent": result(0.93)},
-                      "parameters": {"total": 850}, "epochs": 2, "best_epoch": 1,
-                      "history": curve([0.93, 0.92], 20.0), "ranks_used": 2,
-                      "timings_seconds": timings}, 45.0),
-        "coherent_transfer": ({"test_accuracy": 0.955,
-                               "global": {"coherent_transfer": result(0.955)},
-                               "parameters": {"total": 850}, "epochs": 2, "best_epoch": 2,
-                               "history": curve([0.95, 0.97], 20.0), "ranks_used": 2,
-                               "timings_seconds": timings}, 44.0),
-    }
+def _global(config, width):
+    return build_cnn(**build_kwargs(config, MNIST, MNIST.spatial_shape, width))
 
 
-def test_comparison_table_json_markdown_and_plot(tmp_path):
-    config = _config("local.epochs=2")
-    comparison = build_comparison(config, 2, _fake_runs())
-    rows = {r["strategy"]: r for r in comparison["rows"]}
-    assert list(rows) == ["global_ddp", "cnn_dnn", "average_probabilities", "majority_vote",
-                          "coherent", "coherent_transfer"]
-    assert comparison["target_accuracy"] == 0.93        # lowest best validation accuracy
-    assert rows["global_ddp"]["time_to_target_seconds"] == 100.0
-    assert rows["coherent"]["time_to_target_seconds"] == 20.0
-    assert rows["coherent_transfer"]["time_to_target_seconds"] == 40.0 + 20.0
-    assert rows["coherent_transfer"]["total_seconds"] == 84.0
-    assert rows["cnn_dnn"]["time_vs_global"] == 0.4
-    assert rows["majority_vote"]["parameters"] == 800 and rows["cnn_dnn"]["parameters"] == 850
-    assert rows["cnn_dnn"]["phases_seconds"] == {"training": 10.0}
-    assert comparison["curves"]["coherent_transfer"]["points"][0]["elapsed"] == 60.0
-    table = format_table(comparison)
-    assert "coherent CNN-DNN, transfer" in table and "95.50 %" in table and "84.0" in table
-    assert "| CNN-DNN | 94.00 % |" in format_markdown(comparison)
-    json.dumps(comparison)
-    plot_comparison(tmp_path / "comparison.png", comparison)
+def _flops(model):
+    return training_flops(model, model.config["input_shape"], model.config["in_channels"])
+
+
+def test_global_width_rules_match_the_local_cnns_together():
+    """2x2 MNIST-sized images (28x28, overlap 2 -> 16x16 subimages), local width 8."""
+    config = _config("local.model.width=8", "local.model.depth=2", "decomposition.grid=[2, 2]",
+                     "decomposition.overlap=2")
+    decomposition = Decomposition((28, 28), [2, 2], 2)
+    flops, params = local_budget(config, MNIST, decomposition)
+    local = build_cnn("vgg", 2, 1, 10, decomposition.subdomain_shape(0), depth=2, width=8,
+                      dropout=config.local.model.dropout)
+    assert params == 4 * count_parameters(local)
+    assert flops == 4 * _flops(local)
+    assert global_width(config, MNIST, decomposition, 20) == 20
+
+    # parameter-matched: the closest parameter count among the neighbouring widths
+    w = global_width(config, MNIST, decomposition, "parameters")
+    counts = {v: count_parameters(_global(config, v)) for v in (w - 1, w, w + 1)}
+    assert abs(counts[w] - params) <= min(abs(counts[w - 1] - params),
+                                          abs(counts[w + 1] - params))
+    assert 0.8 < counts[w] / params < 1.25
+
+    # compute-matched: the global CNN's training FLOPs lie within the neighbour gap of the
+    # local CNNs' total (and are the closest of the neighbours)
+    w = global_width(config, MNIST, decomposition, "compute")
+    cost = {v: _flops(_global(config, v)) for v in (w - 1, w, w + 1)}
+    assert abs(cost[w] - flops) <= max(cost[w + 1] - cost[w], cost[w] - cost[w - 1])
+    assert abs(cost[w] - flops) <= min(abs(cost[w - 1] - flops), abs(cost[w + 1] - flops))
+
+
+LABELS = np.arange(40) % 4
+CLASSES = ["a", "b", "c", "d"]
+
+
+def _probs(accuracy, seed):
+    """(40, 4) probabilities whose arg-max is right on about ``accuracy`` of LABELS."""
+    rng = np.random.default_rng(seed)
+    right = rng.random(len(LABELS)) < accuracy
+    pred = np.where(right, LABELS, (LABELS + 1) % 4)
+    probs = rng.dirichlet(np.ones(4), len(LABELS)) * 0.2
+    probs[np.arange(len(LABELS)), pred] += 0.8
+    return probs / probs.sum(1, keepdims=True)
+
+
+def _result(name, accs, seed, *, parameters, flops, wall, rss, extra=None):
+    """A RunResult whose combiners ``accs`` ({combiner: accuracy}) are real metrics."""
+    probs = {c: _probs(a, seed + i) for i, (c, a) in enumerate(accs.items())}
+    history = {"main": [{"epoch": e, "seconds": 2.0, "val_accuracy": 0.5 + 0.1 * e}
+                        for e in (1, 2)]}
+    return RunResult(strategy=name,
+                     combiners={c: classification_metrics(p, LABELS, CLASSES)
+                                for c, p in probs.items()},
+                     test_correct={c: p.argmax(1) == LABELS for c, p in probs.items()},
+                     parameters=parameters, flops_per_sample=flops, history=history,
+                     extra=extra or {}, wall_seconds=wall,
+                     peak_memory_mb={"0": {"rss": rss}, "1": {"rss": rss + 10}})
+
+
+def _fake_runs(seeds=2):
+    runs = {}
+    for k in range(seeds):
+        runs.setdefault("global_ddp[compute]", []).append(_result(
+            "global_ddp", {"global_ddp": 0.9}, 10 * k, parameters=1000, flops=2e6,
+            wall=100.0 + k, rss=300, extra={"width": 12}))
+        runs.setdefault("global_ddp[parameters]", []).append(_result(
+            "global_ddp", {"global_ddp": 0.85}, 10 * k + 1, parameters=800, flops=1.5e6,
+            wall=80.0, rss=290, extra={"width": 10}))
+        cnn = {"chosen": 0.8, "cnn_dnn": 0.8, "average_probabilities": 0.7,
+               "majority_vote": 0.6}
+        runs.setdefault("cnn_dnn", []).append(_result(
+            "cnn_dnn", cnn, 10 * k + 2, parameters=850, flops=1.8e6, wall=40.0 + 2 * k,
+            rss=200, extra={"chosen": "cnn_dnn"}))
+        runs.setdefault("coherent", []).append(_result(
+            "coherent", {"coherent": 0.75}, 10 * k + 7, parameters=850, flops=1.8e6,
+            wall=50.0, rss=210))
+    return runs
+
+
+def test_summarise_mean_std_costs_and_paired_tests():
+    runs = _fake_runs()
+    c = summarise(_config("local.epochs=2", "compare.seeds=2"), 2, runs)
+    rows = c["rows"]
+    assert list(rows) == ["global_ddp[compute]", "global_ddp[parameters]", "chosen", "cnn_dnn",
+                          "average_probabilities", "majority_vote", "coherent"]
+    for name, row in rows.items():
+        accs = [r.combiners[c_name]["accuracy"] for r in runs[row["run"]]
+                for c_name in [name if row["run"] == "cnn_dnn" else
+                               next(iter(r.combiners))]]
+        assert row["accuracy"]["values"] == accs and row["accuracy"]["n"] == 2
+        assert row["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+        assert row["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    g = rows["global_ddp[compute]"]
+    assert g["wall_seconds"]["mean"] == 100.5 and g["time_vs_compute_matched"] == 1.0
+    assert rows["cnn_dnn"]["time_vs_compute_matched"] == pytest.approx(41.0 / 100.5)
+    assert g["flops_per_sample"] == 2e6 and g["parameters"] == 1000 and g["width"] == 12
+    assert g["peak_rss_mb"] == 310                   # the larger rank
+    assert rows["chosen"]["chosen"] == ["cnn_dnn", "cnn_dnn"]
+    assert rows["majority_vote"]["parameters"] == 850
+
+    assert set(c["paired"]) == {"global_ddp[compute]", "global_ddp[parameters]",
+                                "average_probabilities"}
+    pooled = np.concatenate([r.test_correct["chosen"] for r in runs["cnn_dnn"]])
+    base = np.concatenate([r.test_correct["global_ddp"] for r in runs["global_ddp[compute]"]])
+    t = c["paired"]["global_ddp[compute]"]
+    assert t["samples"] == 2 * len(LABELS)
+    assert t["mcnemar"]["b"] == int(np.sum(pooled & ~base))
+    assert t["mcnemar"]["c"] == int(np.sum(~pooled & base))
+    assert t["bootstrap"]["diff"] == pytest.approx(pooled.mean() - base.mean())
+    assert t["bootstrap"]["low"] <= t["bootstrap"]["diff"] <= t["bootstrap"]["high"]
+    assert 0.0 <= t["mcnemar"]["p_value"] <= 1.0
+    assert list(c["curves"]) == ["global_ddp[compute]", "global_ddp[parameters]", "coherent"]
+    assert [p["elapsed"] for p in c["curves"]["coherent"]] == [2.0, 4.0]
+    # time to target: the lowest best validation accuracy of the curves, reached by every one
+    target = min(max(p["val_accuracy"] for p in line) for line in c["curves"].values())
+    assert c["target_accuracy"] == target
+    for name, line in c["curves"].items():
+        first = next(p["elapsed"] for p in line if p["val_accuracy"] >= target)
+        assert rows[name]["time_to_target"] == first
+    assert rows["cnn_dnn"]["time_to_target"] is None
+    json.dumps(c, default=float)
+
+
+def test_paired_tests_need_the_cnn_dnn_and_skip_absent_baselines():
+    assert paired_tests({"global_ddp[compute]": [np.ones(3, bool)]}) == {}
+    out = paired_tests({"chosen": [np.array([True, False, True])],
+                        "average_probabilities": [np.array([True, True, False])]})
+    assert list(out) == ["average_probabilities"] and out["average_probabilities"]["samples"] == 3
+
+
+def test_comparison_table_markdown_and_plot(tmp_path):
+    c = summarise(_config("local.epochs=2", "compare.seeds=2"), 2, _fake_runs())
+    table = format_table(c)
+    for text in ("global CNN, compute-matched (DDP)", "global CNN, parameter-matched (DDP)",
+                 "CNN-DNN (combiner chosen on holdout)", "coherent CNN-DNN", "+-",
+                 "train MFLOP/sample", "peak RSS (MiB)", "parameters", "McNemar p",
+                 "2 seed(s)", "2.0", "1,000", "310"):
+        assert text in table, text
+    acc = c["rows"]["global_ddp[compute]"]["accuracy"]
+    assert f"{100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %" in table
+    assert table.count("CNN-DNN vs ") == 3
+    markdown = format_markdown(c)
+    assert "| global CNN, compute-matched (DDP) |" in markdown
+    assert "| coherent CNN-DNN |" in markdown and "Compute-matched" in markdown
+    plot_comparison(tmp_path / "comparison.png", c)
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
-    runs = _fake_runs()   # a transfer from a CNN-DNN whose coarse DNN was trained on val
-    runs["coherent_transfer"][0]["selection"] = "last epoch (validation used by the source)"
-    contaminated = build_comparison(config, 2, runs)
-    rows = {r["strategy"]: r for r in contaminated["rows"]}
-    assert contaminated["curves"]["coherent_transfer"]["held_out"] is False
-    assert rows["coherent_transfer"]["time_to_target_seconds"] is None
-    assert contaminated["target_accuracy"] == 0.93
-    plot_comparison(tmp_path / "contaminated.png", contaminated)
-
-    explicit = build_comparison(_config("compare.target_accuracy=0.99"), 2, _fake_runs())
-    assert all(r["time_to_target_seconds"] is None for r in explicit["rows"])
+    one = summarise(_config(), 2, {k: v[:1] for k, v in _fake_runs(1).items()})
+    assert all(r["accuracy"]["std"] == 0.0 for r in one["rows"].values())
+    assert "1 seed(s)" in format_table(one)
 
 
 def test_cli_compare_subcommand():
     args = build_parser().parse_args(["compare", "--config", "c.yaml", "--strategies",
-                                      "cnn_dnn,coherent", "--set", "local.epochs=1"])
-    assert (args.command, args.config, args.strategies, args.set) == (
-        "compare", "c.yaml", "cnn_dnn,coherent", ["local.epochs=1"])
+                                      "cnn_dnn,coherent", "--seeds", "3", "--set",
+                                      "local.epochs=1"])
+    assert (args.command, args.config, args.strategies, args.seeds, args.set) == (
+        "compare", "c.yaml", "cnn_dnn,coherent", 3, ["local.epochs=1"])

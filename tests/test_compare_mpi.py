@@ -15,19 +15,28 @@ from conftest import write_digits_h5
 from helpers import assert_all, assert_on_root
 from mpi4py import MPI
 
-from ddmpi.coarse import combiners
-from ddmpi.training.checkpoint import load_checkpoint
-from ddmpi.strategies.coherent import TransferError, load_transfer, run_coherent
-from ddmpi.commands.compare import format_table, run_compare
+from ddmpi.coarse.dnn import predict_coarse
+from ddmpi.commands.compare import run_compare
 from ddmpi.config import load_config
-from ddmpi.commands.predict import predict
-from ddmpi.data.schema import read_labels
+from ddmpi.data.decomposition import Decomposition
+from ddmpi.data.schema import read_info
+from ddmpi.data.sources import open_source
+from ddmpi.models.coherent import CoherentCNNDNN
+from ddmpi.parallel.group import Group
+from ddmpi.parallel.layout import assign_subdomains
+from ddmpi.report.comparison import format_table
+from ddmpi.strategies.base import decomposition_of, run
+from ddmpi.strategies.coherent import CoherentTransfer, Joint, TransferError, load_transfer
+from ddmpi.strategies.rundir import coarse_path, decisions_path, local_path
+from ddmpi.training.checkpoint import load_checkpoint
+from ddmpi.training.loop import Step, predict_proba
 
 pytestmark = [pytest.mark.mpi(min_size=2)]
 
 TINY = ["local.model.width=4", "local.batch_size=64", "coarse.epochs=10",
         "decomposition.overlap=1", "run.threads_per_rank=1", "run.device=cpu"]
 GRIDS = {2: [2, 2], 4: [1, 2]}
+SEEDS = 2
 
 
 def _grid():
@@ -56,122 +65,157 @@ def _config(shared, name, *extra):
 
 @pytest.fixture(scope="module")
 def compared(shared):
-    """One tiny ``ddmpi compare`` run of all strategies (shared by the tests of this module):
-    the comparison on rank 0 (None elsewhere) and its directory."""
-    config = _config(shared, "compare", "local.epochs=2", "compare.coherent_epochs=2")
-    return run_compare(config, MPI.COMM_WORLD), shared / "compare"
+    """One tiny ``ddmpi compare`` of all strategies over 2 seeds (shared by this module's
+    tests): the comparison on rank 0 (None elsewhere), its directory and configuration."""
+    config = _config(shared, "compare", "local.epochs=2", "compare.coherent_epochs=2",
+                     f"compare.seeds={SEEDS}")
+    return run_compare(config, Group.world()), shared / "compare", config
 
 
-@pytest.fixture(scope="module")
-def decomposed(compared):
-    """The CNN-DNN run made by ``ddmpi compare``: its directory and test accuracy (all ranks)."""
-    run_dir = compared[1] / "cnn_dnn"
-    acc = MPI.COMM_WORLD.bcast(json.loads((run_dir / "metrics.json").read_text())[
-        "global"]["cnn_dnn"]["test_accuracy"] if MPI.COMM_WORLD.rank == 0 else None, root=0)
-    return run_dir, acc
-
-
-@pytest.mark.timeout(300)
-def test_transfer_loads_exactly_the_trained_weights(shared, decomposed):
-    comm = MPI.COMM_WORLD
-    run_dir, cnn_dnn_accuracy = decomposed
-    s_total = int(np.prod(_grid()))
-    transfer = load_transfer(run_dir, range(s_total))
-    models = transfer.local_models()
-    same = all(torch.equal(models[s].state_dict()[key], value)
-               for s in range(s_total)
-               for key, value in load_checkpoint(
-                   run_dir / "checkpoints" / f"local_{s:03d}.pt")["best_model"].items())
-    stored = load_checkpoint(run_dir / "checkpoints" / "coarse.pt")["model"]
-    coarse = transfer.coarse_model()
-    same &= all(torch.equal(coarse.state_dict()[k], v) for k, v in stored.items())
-    assert_all(comm, same, "transferred weights differ from the checkpoints")
-
-    # The coherent model before any training is the trained CNN-DNN: same test probabilities.
-    config = _config(shared, "transfer0", "compare.coherent_epochs=0")
-    metrics = run_coherent(config, comm, transfer_from=run_dir)
-    assert_all(comm, (metrics is None) == (comm.rank != 0), "metrics on a non-root rank")
+@pytest.mark.timeout(480)        # includes the compare run (about 3 min at 4 ranks on 2 cores)
+def test_compare_end_to_end(compared):
+    world = Group.world()
+    comparison, root, config = compared
+    assert_all(world, (comparison is None) == (world.rank != 0), "comparison on a non-root rank")
+    names = ("global_ddp[compute]", "global_ddp[parameters]", "cnn_dnn", "coherent",
+             "coherent_transfer")
 
     def checks():
-        decisions = np.stack([np.load(run_dir / "decisions" / f"local_{s:03d}.npz")["test"]
-                              for s in range(s_total)])
-        ref = combiners.coarse_predict(coarse, decisions, transfer.inputs)
-        probs = np.load(shared / "transfer0" / "test_probabilities.npy")
-        one = 1.0 / len(probs)                 # float rounding may flip a near-tie at most
-        return {f"max |p - p_cnn_dnn| {float(np.abs(probs - ref).max()):.3g} < 1e-5":
-                float(np.abs(probs - ref).max()) < 1e-5,
-                f"accuracy {metrics['test_accuracy']} vs CNN-DNN {cnn_dnn_accuracy}":
-                abs(metrics["test_accuracy"] - cnn_dnn_accuracy) <= one,
-                "initial = final": metrics["initial"]["test_accuracy"]
-                == metrics["test_accuracy"],
-                "coarse inputs log": metrics["coarse_inputs"] == "log",
-                "best epoch 0": metrics["best_epoch"] == 0}
+        written = json.loads((root / "comparison.json").read_text())
+        rows = written["rows"]
+        table = format_table(comparison)
+        metrics = {name: json.loads((root / "seed0" / name / "metrics.json").read_text())
+                   for name in names}
+        cnn_flops = metrics["cnn_dnn"]["flops_per_sample"]
+        compute = rows["global_ddp[compute]"]
+        return {
+            "rows": list(rows) == ["global_ddp[compute]", "global_ddp[parameters]", "chosen",
+                                   "cnn_dnn", "average_probabilities", "majority_vote",
+                                   "coherent", "coherent_transfer"],
+            "json = returned": list(rows) == list(comparison["rows"]),
+            "files": all((root / f).stat().st_size > 0 for f in (
+                "comparison.json", "comparison.md", "comparison.png", "config.yaml")),
+            "runs": all((root / f"seed{k}" / name / "metrics.json").exists()
+                        for k in range(SEEDS) for name in names),
+            "seeds": all(r["accuracy"]["n"] == SEEDS and len(r["accuracy"]["values"]) == SEEDS
+                         and 0.0 <= r["accuracy"]["mean"] <= 1.0 and r["accuracy"]["std"] >= 0
+                         for r in rows.values()),
+            "run seeds": [json.loads((root / f"seed{k}" / "cnn_dnn" / "metrics.json")
+                                     .read_text())["config"]["run"]["seed"]
+                          for k in range(SEEDS)] == [config.run.seed + k for k in range(SEEDS)],
+            "costs": all(r["parameters"] > 0 and r["flops_per_sample"] > 0
+                         and r["peak_rss_mb"] > 0 for r in rows.values()),
+            # the compute-matched global CNN costs about what the local CNNs cost together
+            "compute matched": 0.5 < compute["flops_per_sample"] / cnn_flops < 2.0,
+            "widths": compute["width"] == metrics["global_ddp[compute]"]["extra"]["width"]
+            and rows["global_ddp[parameters]"]["width"]
+            == metrics["global_ddp[parameters]"]["extra"]["width"],
+            "ratio": compute["time_vs_compute_matched"] == 1.0,
+            "paired": set(written["paired"]) == {"global_ddp[compute]",
+                                                 "global_ddp[parameters]",
+                                                 "average_probabilities"}
+            and all(t["samples"] == SEEDS * len(comparison_test_labels(root))
+                    for t in written["paired"].values()),
+            "table": all(text in table for text in (
+                "global CNN, compute-matched (DDP)", "global CNN, parameter-matched (DDP)",
+                "coherent CNN-DNN, transfer", "train MFLOP/sample", "peak RSS (MiB)",
+                "parameters", "+-", "McNemar p", f"{SEEDS} seed(s)")),
+            "table rows": table.count("CNN-DNN vs ") == 3,
+            "markdown": "| global CNN, compute-matched (DDP) |" in (
+                root / "comparison.md").read_text(),
+            "coherent ranks": metrics["coherent"]["extra"]["ranks_used"]
+            == min(world.size, int(np.prod(_grid()))),
+            "transfer flag": metrics["coherent_transfer"]["extra"]["transfer"] is True,
+            "curves": all(f"{name}: {name}" in written["curves"] for name in (
+                "coherent", "coherent_transfer")),
+        }
 
-    assert_on_root(comm, checks, "coherent model from the CNN-DNN run differs")
+    assert_on_root(world, checks, "comparison checks failed")
+
+
+def comparison_test_labels(root):
+    data = np.load(root / "seed0" / "cnn_dnn" / "test_correct.npz")
+    return data["chosen"]
+
+
+def _transfer_group(world, s_total):
+    """The first min(P, S) ranks, each owning a block of subdomains (others inactive)."""
+    group = world.split(0 if world.rank < s_total else None)
+    owned = assign_subdomains(s_total, group.size)[group.rank] if group.active else []
+    return group, owned
+
+
+@pytest.mark.timeout(120)
+def test_transfer_loads_exactly_the_trained_weights(shared, compared):
+    """load_transfer gives the CNN-DNN's checkpointed weights, and the coherent model built
+    from them (distributed over the ranks) predicts the CNN-DNN coarse model's test
+    probabilities on the gathered local decisions."""
+    world = Group.world()
+    run_dir = compared[1] / "seed0" / "cnn_dnn"
+    config = _config(shared, "unused")
+    info = read_info(config.data.path)
+    decomposition = decomposition_of(config, info)
+    s_total = decomposition.num_subdomains
+    group, owned = _transfer_group(world, s_total)
+    same, gap, n = True, 0.0, 0
+    if group.active:
+        local, coarse = load_transfer(run_dir, owned, decomposition)
+        same = set(local) == set(owned)
+        for s in owned:
+            stored = load_checkpoint(local_path(run_dir, s))["best_model"]
+            same &= all(torch.equal(local[s].state_dict()[k], v) for k, v in stored.items())
+        stored = load_checkpoint(coarse_path(run_dir))["model"]
+        same &= all(torch.equal(coarse.state_dict()[k], v) for k, v in stored.items())
+        model = CoherentCNNDNN(local, coarse, group, s_total, seed=0)
+        test = Joint({s: open_source(info.path, "test", decomposition.slices(s))
+                      for s in owned})
+        probs = predict_proba(model, test, Step(torch.device("cpu"))).numpy().astype(np.float64)
+        decisions = np.stack([np.load(decisions_path(run_dir, s))["test"]
+                              for s in range(s_total)])
+        ref = predict_coarse(coarse, decisions)
+        gap, n = float(np.abs(probs - ref).max()), len(ref)
+    assert_all(world, same, "transferred weights differ from the checkpoints")
+    assert_all(world, gap < 1e-5, f"max |p_coherent - p_cnn_dnn| = {gap:.3g} on {n} samples")
+
+
+@pytest.mark.timeout(120)
+def test_transfer_run_without_training_is_the_cnn_dnn(shared, compared):
+    """``coherent_transfer`` with 0 epochs evaluates the CNN-DNN's coarse model as it was."""
+    world = Group.world()
+    run_dir = compared[1] / "seed0" / "cnn_dnn"
+    config = _config(shared, "transfer0", "local.epochs=2", "compare.coherent_epochs=0",
+                     f"compare.transfer_from={run_dir}")
+    result = run(CoherentTransfer, config, world)
+    assert_all(world, (result is None) == (world.rank != 0), "result on a non-root rank")
+
+    def checks():
+        cnn_dnn = json.loads((run_dir / "metrics.json").read_text())["combiners"]["cnn_dnn"]
+        mine = result.combiners["coherent_transfer"]
+        one = 1.0 / len(result.test_correct["coherent_transfer"])  # a near-tie may flip
+        return {f"accuracy {mine['accuracy']} vs CNN-DNN {cnn_dnn['accuracy']}":
+                abs(mine["accuracy"] - cnn_dnn["accuracy"]) <= one,
+                "no epochs": result.history["coherent_transfer"] == [],
+                "best epoch 0": result.extra["best_epoch"] == 0,
+                "transfer": result.extra["transfer"] is True}
+
+    assert_on_root(world, checks, "coherent model from the CNN-DNN run differs")
 
 
 @pytest.mark.timeout(60)
-def test_transfer_rejects_a_run_with_another_decomposition(shared, decomposed):
-    comm = MPI.COMM_WORLD
-    other = "[2, 1]" if _grid() == [1, 2] else "[1, 2]"
-    config = _config(shared, "transfer_bad", "compare.coherent_epochs=0")
-    config.decomposition.grid = json.loads(other)
+def test_transfer_rejects_a_run_with_another_decomposition(shared, compared):
+    world = Group.world()
+    run_dir = compared[1] / "seed0" / "cnn_dnn"
+    other = [2, 1] if _grid() == [1, 2] else [1, 2]
+    decomposition = Decomposition((8, 8), other, 1)
     raised = False
     try:
-        run_coherent(config, comm, transfer_from=decomposed[0])
+        load_transfer(run_dir, [0], decomposition)
     except TransferError as err:
         raised = "grid" in str(err)
-    assert_all(comm, raised, "a run of another decomposition was accepted")
-
-
-@pytest.mark.timeout(300)
-def test_compare_end_to_end(shared, compared):
-    comm = MPI.COMM_WORLD
-    s_total = int(np.prod(_grid()))
-    comparison, run_dir = compared
-    assert_all(comm, (comparison is None) == (comm.rank != 0), "comparison on a non-root rank")
-
-    def checks():
-        written = json.loads((run_dir / "comparison.json").read_text())
-        rows = {r["strategy"]: r for r in written["rows"]}
-        cnn_dnn = json.loads((run_dir / "cnn_dnn" / "metrics.json").read_text())
-        owners = sorted(v["rank"] for v in cnn_dnn["local"].values())
-        table = format_table(comparison)
-        # the coherent runs' directories are ddmpi run directories: ddmpi predict reads them
-        probs, _ = predict(run_dir / "coherent_transfer", [str(shared / "digits.h5")],
-                           MPI.COMM_SELF)
-        labels = read_labels(shared / "digits.h5", "test")
-        return {
-            "strategies": set(rows) == {"global_ddp", "cnn_dnn", "majority_vote",
-                                        "average_probabilities", "coherent",
-                                        "coherent_transfer"},
-            "files": all((run_dir / f).stat().st_size > 0 for f in (
-                "comparison.json", "comparison.md", "comparison.png", "config.yaml")),
-            "runs": all((run_dir / s / "metrics.json").exists() for s in (
-                "global_ddp", "cnn_dnn", "coherent", "coherent_transfer")),
-            "accuracies": all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows.values()),
-            "pretraining": rows["coherent_transfer"]["pretraining_seconds"]
-            == rows["cnn_dnn"]["wall_seconds"],
-            "ratio": rows["global_ddp"]["time_vs_global"] == 1.0,
-            "curves": [len(written["curves"][s]["points"]) for s in (
-                "global_ddp", "coherent", "coherent_transfer")] == [2, 2, 2],
-            "target": written["target_accuracy"] is not None and all(
-                rows[s]["time_to_target_seconds"] is not None for s in (
-                    "global_ddp", "coherent")),
-            # the CNN-DNN's coarse DNN trained on the validation decisions (coarse.train_on:
-            # val): the transfer run has no held-out validation, keeps its last epoch
-            "transfer selection": not written["curves"]["coherent_transfer"]["held_out"]
-            and rows["coherent_transfer"]["time_to_target_seconds"] is None
-            and rows["coherent_transfer"]["best_epoch"] == 2,
-            "coherent ranks": rows["coherent"]["ranks_used"] == min(comm.size, s_total),
-            # 4 ranks, 2 subdomains: hybrid groups, leaders 0 and 2 own the local CNNs
-            "owners": owners == ([0, 2] if comm.size == 4 else [0, 0, 1, 1]),
-            "table": "coherent CNN-DNN, transfer" in table and "time to target" in table,
-            "json": [r["strategy"] for r in written["rows"]] == [
-                r["strategy"] for r in comparison["rows"]],
-            "markdown": "| global CNN (DDP) |" in (run_dir / "comparison.md").read_text(),
-            "predict": abs(combiners.accuracy(probs.argmax(1), labels) - rows[
-                "coherent_transfer"]["test_accuracy"]) <= 1.0 / len(labels),  # a near-tie
-        }
-
-    assert_on_root(comm, checks, "comparison checks failed")
+    assert_all(world, raised, "a run of another decomposition was accepted")
+    missing = False
+    try:
+        load_transfer(compared[1] / "nowhere", [0], decomposition)
+    except TransferError as err:
+        missing = "config.yaml" in str(err)
+    assert_all(world, missing, "a missing run was accepted")

@@ -116,7 +116,8 @@ def test_training_batches_alone_draw_the_test_split(tmp_path):
         prov = json.loads(info.attrs["provenance"])
         assert prov["test_split"] == "drawn from the training batches (seeded, stratified)"
         assert prov["files_missing"] == ["test_batch"]
-        assert prov["options"]["test_fraction"] == 0.25 and not prov["options"]["official_test_kept"]
+        assert prov["options"]["test_fraction"] == 0.25
+        assert not prov["options"]["official_test_kept"]
         with h5py.File(out, "r") as f:
             test_labels = f["test/labels"][()]
             ids = set(f["train/ids"].asstr()[()]) | set(f["val/ids"].asstr()[()])

@@ -173,9 +173,9 @@ def test_load_image_modes_and_16_bit(tmp_path):
 
 
 def _split_manifest(root, rows):
-    """PNG files and a manifest ``file,label,patient,split`` of ``rows``."""
+    """PNG files and a manifest ``image,label,patient,split`` of ``rows``."""
     root.mkdir(parents=True, exist_ok=True)
-    lines = ["file,label,patient,split"]
+    lines = ["image,label,patient,split"]
     for i, (label, patient, split) in enumerate(rows):
         Image.fromarray(np.full((6, 5), 20 * i, np.uint8)).save(root / f"{i}.png")
         lines.append(f"{i}.png,{label},{patient},{split}")

@@ -15,7 +15,7 @@ from data_prep import nifti
 from data_prep.cli import main
 from data_prep.errors import PrepError
 from data_prep.splits import SplitOptions
-from ddmpi.data.inputs import load_volume, load_sample
+from ddmpi.data.inputs import load_sample, load_volume
 from ddmpi.data.schema import read_info
 
 LPS = np.array([[-0.7, 0, 0, 40.0], [0, -0.7, 0, 60.0], [0, 0, 2.5, -120.0], [0, 0, 0, 1]])

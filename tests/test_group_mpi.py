@@ -180,9 +180,9 @@ def test_gather_decisions(group):
 
 @pytest.mark.parametrize("raiser, step", [(0, 0), (-1, 3)])
 def test_stop_vote_one_step_late_on_every_rank(group, raiser, step):
-    """A flag raised on one rank at step t is seen by all ranks at step t + 1."""
+    """Voting every step: a flag raised on one rank at step t is seen by all at step t + 1."""
     world, g = group
-    vote = g.stop_vote()
+    vote = g.stop_vote(every=1)
     raiser = raiser % g.size
     outcomes = [vote.poll(g.rank == raiser and t == step) for t in range(6)]
     final = vote.finish(False)
@@ -193,9 +193,24 @@ def test_stop_vote_one_step_late_on_every_rank(group, raiser, step):
     check(world, all(o == everyone[0] for o in everyone), "ranks saw different outcomes")
 
 
+@pytest.mark.parametrize("every", [3, 32])
+def test_stop_vote_every_k_steps_agrees_on_every_rank(group, every):
+    """Voting every k steps: a standing flag raised on one rank at step t is seen by all ranks
+    at the same step, after t and at most 2k steps later."""
+    world, g = group
+    vote = g.stop_vote(every=every)
+    t = 4
+    outcomes = [vote.poll(g.rank == g.size - 1 and s >= t) for s in range(t + 2 * every + 1)]
+    everyone = g.allgather(outcomes)
+    check(world, all(o == everyone[0] for o in everyone), "ranks saw different outcomes")
+    first = outcomes.index(True) if True in outcomes else None
+    check(world, first is not None and t < first <= t + 2 * every, f"first stop at {first}")
+    check(world, vote.finish(g.rank == g.size - 1), "finish sees the standing flag")
+
+
 def test_stop_vote_finish(group):
     world, g = group
-    vote = g.stop_vote()
+    vote = g.stop_vote(every=1)
     check(world, vote.finish(g.rank == g.size - 1), "finish sees a flag raised now")
     check(world, not vote.poll(False), "a new round starts clean after finish")
     pending = vote.poll(g.rank == 0)                   # raised, not yet seen

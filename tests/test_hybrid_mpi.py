@@ -1,42 +1,43 @@
-"""Hybrid parallelism: one data-parallel group per subdomain (run with
+"""Hybrid parallelism: one data-parallel replica group per subdomain (run with
 ``mpirun -n 2|4 python -m pytest --with-mpi -m mpi tests/test_hybrid_mpi.py``).
 
 With P ranks the tests use S = P / 2 subdomains (vertical strips of the 8x8 scikit-learn
 digits): 4 ranks -> 2 subdomains of 2 replicas, 2 ranks -> 1 subdomain of 2 replicas.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import assert_all, digits_arrays
 
-from ddmpi.models.coherent import max_replica_difference, module_vector
-from ddmpi.parallel.hybrid import (HybridError, dp_step, form_groups, gather_leader_decisions,
-                          group_predict, shard_indices, train_data_parallel)
+from ddmpi.data.schema import Normalization
+from ddmpi.data.sources import TensorSource
 from ddmpi.models.cnn import build_cnn
-from ddmpi.parallel.torch_dist import new_group_from_comm, torch_distributed
+from ddmpi.parallel.data_parallel import DataParallel, ddp_over
+from ddmpi.parallel.group import Group
+from ddmpi.parallel.layout import MappingError, make_layout
+from ddmpi.training.loop import Step, Trainer, fit, predict_proba
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def comm():
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    if comm.size % 2:
+def world():
+    world = Group.world()
+    if world.size % 2:
         pytest.skip("needs an even number of ranks")      # same decision on every rank
-    return comm
+    return world
 
 
-def strips(num_subdomains, start, stop):
-    """Subimages of subdomain s (vertical strip s of width 8/S) of digits[start:stop]."""
+def strips(num_subdomains, sub, start, stop):
+    """TensorSource of subdomain ``sub`` (vertical strip of width 8/S) of digits[start:stop]."""
     images, labels = digits_arrays()
     width = 8 // num_subdomains
-    subs = [torch.from_numpy(np.ascontiguousarray(
-        images[start:stop, :, :, s * width:(s + 1) * width])) for s in range(num_subdomains)]
-    return subs, torch.from_numpy(labels[start:stop])
+    x = np.ascontiguousarray(images[start:stop, :, :, sub * width:(sub + 1) * width])
+    return TensorSource(x, labels[start:stop], Normalization([0.3], [0.4]))
 
 
 def make_cnn(sub_width, seed, batchnorm=True):
@@ -44,111 +45,127 @@ def make_cnn(sub_width, seed, batchnorm=True):
     return build_cnn("vgg", 2, 1, 10, (8, sub_width), depth=2, width=4, batchnorm=batchnorm)
 
 
-def test_groups_and_leaders(comm):
-    s_total = comm.size // 2
-    g = form_groups(comm, s_total)
-    assert_all(comm, g.subdomain == comm.rank // 2, f"subdomain {g.subdomain}")
-    assert_all(comm, (g.group_size, g.group_rank, g.replicas) == (2, comm.rank % 2, 2),
-               f"group size/rank {g.group_size}/{g.group_rank}")
-    members = g.group_comm.allgather(comm.rank)
-    assert_all(comm, members == [2 * g.subdomain, 2 * g.subdomain + 1], f"members {members}")
-    expected_leaders = tuple(range(0, comm.size, 2))
-    assert_all(comm, g.leaders == expected_leaders, f"leaders {g.leaders}")
-    assert_all(comm, g.is_leader == (comm.rank in expected_leaders), "is_leader")
-    if g.is_leader:
-        ok = (g.leader_comm.size == s_total and g.leader_comm.rank == g.subdomain
-              and g.leader_comm.allgather(comm.rank) == list(expected_leaders))
-    else:
-        ok = g.leader_comm is None
-    assert_all(comm, ok, "leaders' communicator")
-
-    one = form_groups(comm, comm.size)             # P == S: groups of one, all leaders
-    assert_all(comm, one.group_size == 1 and one.is_leader and one.subdomain == comm.rank,
-               "P == S layout")
+def trainer_of(model, lr, epochs, momentum=0.9):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    return Trainer(model, opt, torch.optim.lr_scheduler.ConstantLR(opt, 1.0), epochs)
 
 
-def test_p_not_a_multiple_of_s_is_a_clear_error(comm):
-    pattern = rf"\({comm.size}\) to be a multiple .*\({comm.size + 1}\)"
-    with pytest.raises(HybridError, match=pattern):
-        form_groups(comm, comm.size + 1)
-    with pytest.raises(HybridError, match="multiple"):
-        form_groups(comm, 3 if comm.size % 3 else 5)
-
-
-@pytest.mark.parametrize("reduction", ["mpi", "torch"])
-def test_replicas_stay_identical_while_training(comm, reduction):
-    s_total = comm.size // 2
-    g = form_groups(comm, s_total)
-    subs, labels = strips(s_total, 0, 300)
-    val, val_labels = strips(s_total, 300, 400)
-    # Different initial weights per rank: training must start from the leader's copy.
-    model = make_cnn(8 // s_total, seed=comm.rank)
-    context = torch_distributed(comm) if reduction == "torch" else None
+def test_layout_groups_and_owners(world):
+    s_total = world.size // 2
+    layout = make_layout(world, s_total)
     try:
-        if context is not None:
-            context.__enter__()
-            torch_group = new_group_from_comm(comm, g.group_comm)
+        sub = world.rank // 2
+        assert_all(world.comm, layout.owned == [sub], f"owned {layout.owned}")
+        r = layout.replicas
+        assert_all(world.comm, (r.size, r.rank) == (2, world.rank % 2), f"replicas {r}")
+        members = r.allgather(world.rank)
+        assert_all(world.comm, members == [2 * sub, 2 * sub + 1], f"members {members}")
+        leaders = list(range(0, world.size, 2))
+        is_leader = world.rank in leaders
+        assert_all(world.comm, layout.owners.active == is_leader == layout.writes, "owners")
+        if is_leader:
+            ok = (layout.owners.size == s_total and layout.owners.rank == sub
+                  and layout.owners.allgather(world.rank) == leaders)
         else:
-            torch_group = None
-        hist = train_data_parallel(model, subs[g.subdomain], labels, g, epochs=2,
-                                   batch_size=25, lr=1e-2, seed=3,
-                                   val=(val[g.subdomain], val_labels),
-                                   torch_group=torch_group)
+            ok = layout.owners.rank == -1
+        assert_all(world.comm, ok, "owners' group")
     finally:
-        if context is not None:
-            context.__exit__(None, None, None)
-    diff = max_replica_difference(g.group_comm, model)          # parameters and BN buffers
-    assert_all(comm, diff == 0.0, f"replicas differ by {diff} after training")
-    hists = g.group_comm.allgather({k: v for k, v in hist.items() if k != "seconds"})
-    assert_all(comm, hists[0] == hists[1], "history differs within a group")
-    assert_all(comm, hist["train_loss"][-1] < hist["train_loss"][0], hist["train_loss"])
-    # The replicas trained: they moved away from the leader's initial weights.
-    start = module_vector(make_cnn(8 // s_total, seed=g.leaders[g.subdomain]))
-    assert_all(comm, not np.array_equal(module_vector(model), start), "no training happened")
+        layout.replicas.free()
+        layout.owners.free()
+
+    one = make_layout(world, world.size)         # P == S: groups of one, everyone writes
+    assert_all(world.comm, one.owned == [world.rank] and one.replicas.size == 1 and one.writes
+               and one.owners.size == world.size, "P == S layout")
+    fewer = make_layout(world, 2 * world.size + 1)   # P < S: balanced blocks
+    assert_all(world.comm, sum(world.allgather(len(fewer.owned))) == 2 * world.size + 1,
+               "P < S layout")
 
 
-def test_data_parallel_steps_equal_one_large_batch(comm):
-    """Without BatchNorm, R replicas with batch b take the steps of one model with batch R*b."""
-    s_total = comm.size // 2
-    g = form_groups(comm, s_total)
-    subs, labels = strips(s_total, 0, 200)
-    x = subs[g.subdomain]
-    model = make_cnn(8 // s_total, seed=5, batchnorm=False)
-    ref = make_cnn(8 // s_total, seed=5, batchnorm=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
-    shards = [shard_indices(len(labels), r, g.group_size, 9, 0) for r in range(g.group_size)]
-    mine = shards[g.group_rank]
-    batch = 20
-    for start in range(0, 5 * batch, batch):
-        idx = torch.from_numpy(mine[start:start + batch])
-        dp_step(model, opt, x[idx], labels[idx], g.group_comm)
-        union = torch.from_numpy(np.concatenate([s[start:start + batch] for s in shards]))
-        ref_opt.zero_grad()
-        F.cross_entropy(ref(x[union]), labels[union]).backward()
-        ref_opt.step()
-    diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
-    assert_all(comm, diff < 1e-5, f"data-parallel vs large batch differ by {diff:.3g}")
+def test_p_not_a_multiple_of_s_is_a_clear_error(world):
+    s_total = world.size - 1 if world.size > 2 else None
+    if s_total is None:                                   # 2 ranks: no S < P with P % S != 0
+        pytest.skip("needs 4 or more ranks")
+    pattern = rf"\({world.size}\) to be a multiple .*\({s_total}\)"
+    with pytest.raises(MappingError, match=pattern):
+        make_layout(world, s_total)
+    world.barrier()
 
 
-def test_decisions_reach_the_leaders_and_world_rank_0(comm):
-    s_total = comm.size // 2
-    g = form_groups(comm, s_total)
-    subs, _ = strips(s_total, 0, 101)                # odd N: uneven shares in the group
-    model = make_cnn(8 // s_total, seed=20 + g.subdomain).eval()
-    probs = group_predict(model, subs[g.subdomain], g, batch_size=16)
-    with torch.no_grad():
-        expected = torch.softmax(model(subs[g.subdomain]), 1).numpy()
-    if g.is_leader:
-        ok = probs.shape == (101, 10) and np.allclose(probs, expected, atol=1e-6)
-    else:
-        ok = probs is None
-    assert_all(comm, ok, "group_predict result on the leader")
-    gathered = gather_leader_decisions(g, probs)
-    everyone = comm.allgather(expected if g.is_leader else None)
-    if comm.rank == 0:
-        ok = gathered.shape == (s_total, 101, 10) and all(
-            np.allclose(gathered[s], everyone[g.leaders[s]], atol=1e-6) for s in range(s_total))
-    else:
-        ok = gathered is None
-    assert_all(comm, ok, "decisions gathered on world rank 0 in subdomain order")
+@pytest.mark.parametrize("reduction", ["mpi", "ddp"])
+def test_replicas_stay_identical_while_training(world, reduction):
+    s_total = world.size // 2
+    layout = make_layout(world, s_total)
+    replicas, sub = layout.replicas, layout.owned[0]
+    try:
+        train, val = strips(s_total, sub, 0, 300), strips(s_total, sub, 300, 400)
+        # Different initial weights per rank: training starts from the leader's copy.
+        model = make_cnn(8 // s_total, seed=world.rank)
+        start = make_cnn(8 // s_total, seed=world.rank)
+        replicas.broadcast_module(start)
+        replicas.broadcast_module(model)
+        context = (ddp_over(replicas, CPU) if reduction == "ddp"
+                   else contextlib.nullcontext(DataParallel(replicas)))
+        with context as parallel:
+            trainer = fit(trainer_of(model, 1e-2, 2), train, val, Step(CPU, parallel=parallel),
+                          batch_size=25, seed=3)
+        diff = replicas.max_difference(model)                   # parameters and BN buffers
+        assert_all(world.comm, diff == 0.0, f"replicas differ by {diff} after training")
+        hist = [(r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy)
+                for r in trainer.history]
+        hists = replicas.allgather(hist)
+        assert_all(world.comm, hists[0] == hists[1], "history differs within a group")
+        assert_all(world.comm, hist[-1][0] < hist[0][0], f"no learning: {hist}")
+        moved = any(not torch.equal(p, q) for p, q in zip(model.parameters(),
+                                                          start.parameters()))
+        assert_all(world.comm, moved, "no training happened")
+    finally:
+        replicas.free()
+        layout.owners.free()
+
+
+def test_data_parallel_training_equals_one_large_batch(world):
+    """Without BatchNorm, 2 replicas with batch b take the steps of one model with batch 2b."""
+    s_total = world.size // 2
+    layout = make_layout(world, s_total)
+    replicas, sub = layout.replicas, layout.owned[0]
+    try:
+        train, val = strips(s_total, sub, 0, 200), strips(s_total, sub, 200, 260)
+        model = make_cnn(8 // s_total, seed=5, batchnorm=False)
+        ref = make_cnn(8 // s_total, seed=5, batchnorm=False)
+        parallel = DataParallel(replicas)
+        got = fit(trainer_of(model, 0.05, 2), train, val, Step(CPU, parallel=parallel),
+                  batch_size=40, seed=9)
+        want = fit(trainer_of(ref, 0.05, 2), train, val, Step(CPU), batch_size=40, seed=9)
+        diff = max((p - q).abs().max().item()
+                   for p, q in zip(model.parameters(), ref.parameters()))
+        assert_all(world.comm, diff < 1e-5, f"data-parallel vs large batch differ by {diff:.3g}")
+        losses = [(a.train_loss, b.train_loss, a.val_accuracy, b.val_accuracy)
+                  for a, b in zip(got.history, want.history)]
+        ok = all(abs(a - b) < 1e-5 and abs(c - d) < 1e-6 for a, b, c, d in losses)
+        assert_all(world.comm, ok, f"histories differ: {losses}")
+    finally:
+        replicas.free()
+        layout.owners.free()
+
+
+def test_decisions_reach_the_owners_and_world_rank_0(world):
+    s_total = world.size // 2
+    layout = make_layout(world, s_total)
+    sub = layout.owned[0]
+    try:
+        source = strips(s_total, sub, 0, 101)               # odd N
+        model = make_cnn(8 // s_total, seed=20 + sub).eval()
+        probs = predict_proba(model, source, Step(CPU)).numpy()
+        gathered = None
+        if layout.owners.active:
+            gathered = layout.owners.gather_decisions({sub: probs}, s_total, chunk_bytes=1000)
+        everyone = world.allgather(probs if layout.writes else None)
+        if world.rank == 0:
+            ok = gathered.shape == (s_total, 101, 10) and all(
+                np.array_equal(gathered[s], everyone[2 * s]) for s in range(s_total))
+        else:
+            ok = gathered is None
+        assert_all(world.comm, ok, "decisions gathered on world rank 0 in subdomain order")
+    finally:
+        layout.replicas.free()
+        layout.owners.free()

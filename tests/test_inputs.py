@@ -15,7 +15,6 @@ from ddmpi.data.inputs import InputError, load_inputs, load_pickle, read_cifar_b
 from ddmpi.data.schema import DatasetInfo
 
 ROOT = Path(__file__).resolve().parents[1]
-PENDING = {"ddmpi/commands/predict.py"}  # switches to ddmpi.data.inputs (lead's change)
 
 
 def _info(channels, shape, window=None):
@@ -28,15 +27,16 @@ def _info(channels, shape, window=None):
 def test_images_and_volumes_follow_the_data_set(tmp_path):
     png = tmp_path / "a.png"
     Image.fromarray(np.full((20, 10, 3), 51, np.uint8)).save(png)
-    x, ids = load_inputs([png, png], _info(1, (8, 4)))
+    x, ids, labels = load_inputs([png, png], _info(1, (8, 4)))
     assert x.shape == (2, 1, 8, 4) and x.dtype == np.float32 and ids == [str(png)] * 2
+    assert labels is None
     np.testing.assert_allclose(x, 0.2, atol=1e-6)
     vol = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(np.full((6, 6, 4), 400, np.int16), np.eye(4)), vol)
     dataset_json = {"channels": 1, "spatial_shape": [2, 3, 3],
                     "preprocessing": {"window": [-1000, 400]}}  # a run's dataset.json
     for info in (dataset_json, _info(1, (2, 3, 3), [-1000, 400])):
-        v, _ = load_inputs([vol], info)
+        v, _, _ = load_inputs([vol], info)
         assert v.shape == (1, 1, 2, 3, 3)
         np.testing.assert_allclose(v, 1.0)
 
@@ -55,8 +55,11 @@ def test_cifar_test_batch_gives_all_its_samples(tmp_path):
     data = _cifar_batch(tmp_path / "test_batch", n=5)
     png = tmp_path / "b.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
-    x, ids = load_inputs([tmp_path / "test_batch", png], _info(3, (32, 32)))
+    x, ids, labels = load_inputs([tmp_path / "test_batch", png], _info(3, (32, 32)))
     assert x.shape == (6, 3, 32, 32) and ids[0] == f"{tmp_path / 'test_batch'}:0"
+    assert labels is None  # the PNG has none
+    _, _, labels = load_inputs([tmp_path / "test_batch"], _info(3, (32, 32)))
+    assert labels.tolist() == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(x[:5], data.reshape(5, 3, 32, 32).astype(np.float32) / 255)
     with pytest.raises(InputError, match="test_batch: CIFAR images are 3x32x32, the data set's "
                                          "are 1x8x8"):
@@ -68,7 +71,8 @@ def test_cifar_test_batch_gives_all_its_samples(tmp_path):
 def test_refuses_code_and_unknown_files(tmp_path):
     evil = tmp_path / "evil_batch"
     evil.write_bytes(pickle.dumps({"data": print}, protocol=2))
-    with pytest.raises(InputError, match="evil_batch: .*refusing to load (__builtin__|builtins).print"):
+    with pytest.raises(InputError,
+                       match="evil_batch: .*refusing to load (__builtin__|builtins).print"):
         load_inputs([evil], _info(3, (32, 32)))
     with pytest.raises(InputError, match="refusing to load (__builtin__|builtins).print"):
         load_pickle(evil)
@@ -92,9 +96,24 @@ def _imports(path):
 def test_ddmpi_never_imports_data_prep():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "ddmpi").rglob("*.py")
                  if any(m.split(".")[0] == "data_prep" for m in _imports(p))]
-    assert set(offenders) <= PENDING, offenders
+    assert not offenders
     code = ("import sys, ddmpi.data.inputs, ddmpi.data.sources, ddmpi.data.reader; "
             "print([m for m in sys.modules if m.startswith('data_prep')])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_hdf5_split_in_unit_range(tmp_path):
+    from ddmpi.data.schema import DatasetWriter, read_info
+
+    raw = np.random.default_rng(1).integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
+    for dtype in ("float32", "uint8"):
+        path = tmp_path / f"{dtype}.h5"
+        with DatasetWriter(path, name="d", classes=["a", "b"], converter="t", dtype=dtype) as w:
+            w.write_split("train", raw, np.arange(6) % 2, ids=[f"s{i}" for i in range(6)])
+        x, ids, labels = load_inputs([path], read_info(path), split="train")
+        np.testing.assert_array_equal(x, raw.astype(np.float32) / 255)
+        assert ids[0] == "s0" and labels.tolist() == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(InputError, match="uint8.h5: no split 'test'"):
+        load_inputs([path], read_info(path))

@@ -10,12 +10,19 @@ import numpy as np
 import pytest
 from conftest import write_digits_h5
 from helpers import mpirun, shared_data
-from mpi4py import MPI
 
-from ddmpi.config import load_config
 from ddmpi.commands.predict import predict
+from ddmpi.config import load_config
 from ddmpi.data.schema import open_h5, read_labels
-from ddmpi.strategies.cnn_dnn import run_train
+from ddmpi.parallel.group import Group
+from ddmpi.strategies.base import run as run_strategy
+from ddmpi.strategies.cnn_dnn import CNNDNN
+
+SELF = Group.single()
+
+
+def run_train(config):
+    return run_strategy(CNNDNN, config, SELF)
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +32,19 @@ def trained(tmp_path_factory):
     config = load_config("quickstart", [f"data.path={data}", f"run.dir={base / 'run'}",
                                         "local.epochs=3", "coarse.epochs=30",
                                         "run.threads_per_rank=1"])
-    metrics = run_train(config, MPI.COMM_SELF)
-    return base / "run", data, metrics
+    result = run_train(config)
+    return base / "run", data, result
 
 
 def test_hdf5_split_reproduces_training_metrics(trained):
-    run, data, metrics = trained
+    run, data, result = trained
     labels = read_labels(data, "test")
-    for combiner in ("cnn_dnn", "majority_vote", "average_probabilities"):
-        probs, ids = predict(run, [str(data)], MPI.COMM_SELF, "test", combiner)
+    for combiner in ("cnn_dnn", "majority_vote", "average_probabilities", "chosen"):
+        probs, ids, got = predict(run, [str(data)], SELF, "test", combiner)
         assert probs.shape == (len(labels), 10) and len(ids) == len(labels)
+        np.testing.assert_array_equal(got, labels)
         accuracy = float((probs.argmax(1) == labels).mean())
-        assert accuracy == pytest.approx(metrics["global"][combiner]["test_accuracy"])
+        assert accuracy == pytest.approx(result.combiners[combiner]["accuracy"])
 
 
 def test_image_files_match_stored_samples(trained, tmp_path):
@@ -50,9 +58,9 @@ def test_image_files_match_stored_samples(trained, tmp_path):
         path = tmp_path / f"digit{i}.png"
         Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(path)
         files.append(str(path))
-    from_files, ids = predict(run, files, MPI.COMM_SELF)
-    from_h5, _ = predict(run, [str(data)], MPI.COMM_SELF)
-    assert ids == files
+    from_files, ids, labels = predict(run, files, SELF)
+    from_h5, _, _ = predict(run, [str(data)], SELF)
+    assert ids == files and labels is None
     np.testing.assert_allclose(from_files, from_h5[:6], atol=0.02)  # 8-bit PNG quantisation
 
 
@@ -94,13 +102,13 @@ def test_nifti_volumes_of_a_3d_run(tmp_path):
                                 "decomposition.grid=[2, 2, 2]", "decomposition.overlap=1",
                                 "local.epochs=1", "local.model.width=4", "coarse.epochs=5",
                                 "run.threads_per_rank=1"])
-    run_train(config, MPI.COMM_SELF)
+    run_train(config)
     with open_h5(data) as f:
         ids = list(f["test/ids"].asstr()[:3])
     files = [str(lidc / "image" / name) if not name.startswith("image/")
              else str(lidc / name) for name in (i.split(":")[-1] for i in ids)]
-    from_files, _ = predict(tmp_path / "run", files, MPI.COMM_SELF)
-    from_h5, _ = predict(tmp_path / "run", [str(data)], MPI.COMM_SELF)
+    from_files, _, _ = predict(tmp_path / "run", files, SELF)
+    from_h5, _, _ = predict(tmp_path / "run", [str(data)], SELF)
     np.testing.assert_allclose(from_files, from_h5[:3], atol=1e-4)
     assert json.loads((tmp_path / "run" / "dataset.json").read_text())["preprocessing"][
         "window"] == [-1000, 400]

@@ -389,8 +389,8 @@ def test_schema_errors_name_the_file_and_field(images28, tmp_path):
              ({"storage_dtype": "int16"}, "attribute 'storage_dtype' is 'int16'"),
              ({"storage_dtype": None}, "attribute 'storage_dtype' is None"),
              ({"scale": 0.5}, "attribute 'scale' is 0.5, expected 1.0 for float32"),
-             ({"storage_dtype": "uint8", "scale": 1 / 255}, "'/train/images' has dtype float32, but the file's "
-                                          "storage_dtype is 'uint8'"),
+             ({"storage_dtype": "uint8", "scale": 1 / 255},
+              "'/train/images' has dtype float32, but the file's storage_dtype is 'uint8'"),
              ({"channels": None}, "attribute 'channels' of '/' is missing")]
     for attrs, message in cases:
         shutil.copy(src, bad)

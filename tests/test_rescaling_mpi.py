@@ -1,8 +1,8 @@
 """Kernel rescaling in the full decomposed pipeline under MPI (and two serial loop checks).
 
-A tiny ``ddmpi.strategies.cnn_dnn.run_train`` on the real scikit-learn digits (8x8), 2x2 grid with overlap 1
-(5x5 sub-images, 3x3 in the low-resolution phase), every local CNN switching from 1/2 to full
-resolution after 2 of 3 epochs:
+A tiny CNN-DNN run (``ddmpi.strategies.base.run(CNNDNN, ...)``) on the real scikit-learn
+digits (8x8), 2x2 grid with overlap 1 (5x5 sub-images, 3x3 in the low-resolution phase), every
+local CNN switching from 1/2 to full resolution after 2 of 3 epochs:
 
 * the run finishes, every subdomain's history shows "1/2" epochs then "full" epochs, the local
   checkpoints hold the post-switch (strided 6x6 stem) network, and the reported local accuracies
@@ -11,7 +11,8 @@ resolution after 2 of 3 epochs:
 * a run stopped (preemption) in the middle of a full-resolution epoch and resumed gives exactly
   the metrics of the uninterrupted run (the post-switch checkpoint is rebuilt correctly).
 
-The serial tests (``-m "not mpi"``) pin two properties of ``train_local`` with rescaling: early
+The serial tests (``-m "not mpi"``) pin two properties of ``strategies.local.train_cnn`` (the
+one training loop with the ``Rescaling`` hook) with rescaling: early
 stopping counts from the switch (it once stopped right at the switch, before any full-resolution
 epoch), and the returned network is always the full-resolution one (a patience-only schedule that
 never fired once returned the low-resolution network).
@@ -20,22 +21,25 @@ never fired once returned the low-resolution network).
 import json
 
 import pytest
-import torch
 from conftest import DIGITS_CNN
-from helpers import assert_all
+from helpers import assert_all, serial_context
 from mpi4py import MPI
 
+from ddmpi.config import load_config
+from ddmpi.data.schema import read_info
+from ddmpi.parallel.group import Group
+from ddmpi.parallel.layout import assign_subdomains
+from ddmpi.strategies.base import run
+from ddmpi.strategies.cnn_dnn import CNNDNN
+from ddmpi.strategies.local import train_cnn
 from ddmpi.training import preemption
 from ddmpi.training.checkpoint import load_checkpoint
-from ddmpi.config import LocalConfig, ModelConfig, RescalingConfig, load_config
-from ddmpi.training.loop import Preempted, evaluate, train_local
-from ddmpi.parallel.mapping import assign_subdomains
-from ddmpi.strategies.cnn_dnn import run_train
+from ddmpi.training.loop import Preempted, evaluate
 
 EPOCHS, SWITCH = 3, 2
 OVERRIDES = [f"local.epochs={EPOCHS}", "decomposition.grid=[2, 2]", "decomposition.overlap=1",
              "local.model.width=8", "local.optimizer.lr=0.005", "coarse.epochs=20",
-             "run.threads_per_rank=1", "local.rescaling.factor=2",
+             "run.threads_per_rank=1", "run.device=cpu", "local.rescaling.factor=2",
              f"local.rescaling.switch_epoch={SWITCH}"]
 RESOLUTIONS = ["1/2"] * SWITCH + ["full"] * (EPOCHS - SWITCH)
 
@@ -44,12 +48,18 @@ def _config(data, run_dir):
     return load_config(None, [f"data.path={data}", *OVERRIDES, f"run.dir={run_dir}"])
 
 
-def _figures(metrics):
+def run_train(config, resume=False):
+    """The CNN-DNN run on every rank; its RunResult on rank 0, None elsewhere."""
+    return run(CNNDNN, config, Group.world(), resume=resume)
+
+
+def _figures(result):
     """The figures a resumed run must reproduce exactly."""
-    return ({name: r["test_accuracy"] for name, r in metrics["global"].items()},
-            {s: v["accuracy"] for s, v in metrics["local"].items()},
-            {s: v["best_epoch"] for s, v in metrics["local"].items()},
-            metrics["coarse"]["final_train_loss"])
+    local = result.extra["local"]
+    return ({name: r["accuracy"] for name, r in result.combiners.items()},
+            {s: v["accuracy"] for s, v in local.items()},
+            {s: v["best_epoch"] for s, v in local.items()},
+            result.extra["coarse"]["history"][-1]["train_loss"], result.extra["chosen"])
 
 
 def _check_run(run):
@@ -58,12 +68,13 @@ def _check_run(run):
     try:
         histories = json.loads((run / "history.json").read_text())
         written = json.loads((run / "metrics.json").read_text())
-        if set(written["global"]) != {"cnn_dnn", "majority_vote", "average_probabilities"}:
-            return f"global results {sorted(written['global'])}"
-        n_val = written["dataset"]["splits"]["val"]
+        if set(written["combiners"]) != {"cnn_dnn", "majority_vote", "average_probabilities",
+                                         "chosen"}:
+            return f"combiners {sorted(written['combiners'])}"
+        n_val = read_info(written["dataset"]["path"]).splits["val"]
         for sub in range(4):
-            records = histories[str(sub)]
-            local = written["local"][str(sub)]
+            records = histories[f"subdomain {sub}"]
+            local = written["extra"]["local"][str(sub)]
             state = load_checkpoint(run / "checkpoints" / f"local_{sub:03d}.pt")
             best = records[local["best_epoch"] - 1]
             checks = {
@@ -78,7 +89,7 @@ def _check_run(run):
                 "post-switch stem in the checkpoint":
                     tuple(state["best_model"]["stem.conv.weight"].shape[2:]) == (6, 6)
                     and state["model_config"]["stem_stride"] in (2, (2, 2), [2, 2])
-                    and state["low_resolution"] is False,
+                    and state["resolution"] == "full" and state["finished"],
             }
             failed = [name for name, good in checks.items() if not good]
             if failed:
@@ -94,12 +105,12 @@ def test_run_with_rescaling_switches_and_resumes(mpi_tmp_path, mpi_digits):
     comm = MPI.COMM_WORLD
     data = mpi_digits
     run = mpi_tmp_path / "run"
-    metrics = run_train(_config(data, run), comm)
+    metrics = run_train(_config(data, run))
 
     why = _check_run(run) if comm.rank == 0 else ""
     assert_all(comm, not why, f"rescaled run incomplete or wrong: {why}")
 
-    again = run_train(_config(data, run), comm, resume=True)
+    again = run_train(_config(data, run), resume=True)
     same = again is None if comm.rank else _figures(again) == _figures(metrics)
     assert_all(comm, same, "resuming the finished rescaled run changed its metrics")
 
@@ -111,63 +122,70 @@ def test_run_preempted_after_switch_resumes_identically(mpi_tmp_path, mpi_digits
     if comm.size > 4:
         pytest.skip("needs every rank to own a subdomain (at most 4 ranks for a 2x2 grid)")
     data = mpi_digits
-    reference = run_train(_config(data, mpi_tmp_path / "reference"), comm)
+    reference = run_train(_config(data, mpi_tmp_path / "reference"))
 
-    # stop every rank's first local CNN halfway through its first full-resolution epoch
-    batches = -(-1257 // 64)  # 1,257 digits in the train split, batch size 64
+    # stop every rank's first local CNN halfway through its first full-resolution epoch; the
+    # loop polls after every batch and once more at the end of every epoch
+    batches = -(-read_info(data).splits["train"] // 64)  # batch size 64
     calls = {"n": 0}
 
     def stop_after_switch():
         calls["n"] += 1
-        return calls["n"] >= SWITCH * batches + batches // 2
+        return calls["n"] >= SWITCH * (batches + 1) + batches // 2
 
     run = mpi_tmp_path / "preempted"
     preempted = False
     with monkeypatch.context() as patch:
         patch.setattr(preemption, "requested", stop_after_switch)
         try:
-            run_train(_config(data, run), comm)
+            run_train(_config(data, run))
         except Preempted:
             preempted = True
     assert_all(comm, preempted, "the run was not preempted")
     first = assign_subdomains(4, comm.size)[comm.rank][0]
     try:
         state = load_checkpoint(run / "checkpoints" / f"local_{first:03d}.pt")
-        ok = (state["low_resolution"] is False and state["epoch"] == SWITCH
+        ok = (state["resolution"] == "full" and state["epoch"] == SWITCH
               and state["batch"] == batches // 2 and not state["finished"])
     except Exception:  # noqa: BLE001 - reported through the collective assertion
         ok = False
     assert_all(comm, ok, "the preempted checkpoint is not mid-epoch after the switch")
 
-    resumed = run_train(_config(data, run), comm, resume=True)
+    resumed = run_train(_config(data, run), resume=True)
     same = resumed is None if comm.rank else _figures(resumed) == _figures(reference)
     assert_all(comm, same, "the preempted and resumed rescaled run differs from the "
-                           "uninterrupted one")
+                           "uninterrupted one" + ("" if comm.rank else
+                           f": {_figures(resumed)} != {_figures(reference)}"))
 
 
 # ---------------------------------------------------------------------- serial loop checks
 
 
-def _train(sources, epochs, rescaling, **kw):
-    cfg = LocalConfig(model=ModelConfig(depth=2, width=8), epochs=epochs, batch_size=64,
-                      rescaling=rescaling, **kw)
-    cfg.optimizer.lr = 0.01
-    return train_local(DIGITS_CNN, sources[0], sources[1], cfg, device=torch.device("cpu"), seed=3,
-                       log=lambda msg: None)
+def _train(sources, tmp_path, epochs, *rescaling):
+    ctx = serial_context(tmp_path, ["local.model.depth=2", "local.model.width=8",
+                                    "local.batch_size=64", "local.optimizer.lr=0.01",
+                                    f"local.epochs={epochs}", "local.rescaling.factor=2",
+                                    *rescaling])
+    trainer, step = train_cnn(ctx, DIGITS_CNN, sources[0], sources[1], None, seed=3,
+                              path=tmp_path / "local.pt", epochs=epochs)
+    return trainer.model, trainer.history, trainer.best["epoch"], step
 
 
-def test_early_stopping_counts_from_the_switch(digits_sources):
-    model, history, best_epoch = _train(digits_sources, 6, RescalingConfig(2, switch_epoch=3),
-                                        early_stopping_patience=2)
+def test_early_stopping_counts_from_the_switch(digits_sources, tmp_path):
+    model, history, best_epoch, _ = _train(digits_sources, tmp_path, 6,
+                                           "local.rescaling.switch_epoch=3",
+                                           "local.early_stopping_patience=2")
     assert [r.resolution for r in history[:4]] == ["1/2"] * 3 + ["full"]
     assert best_epoch >= 3
     assert tuple(model.stem.conv.weight.shape[2:]) == (6, 6)
 
 
-def test_unfired_patience_still_ends_at_full_resolution(digits_sources):
-    model, history, best_epoch = _train(digits_sources, 3, RescalingConfig(2, patience=10))
+def test_unfired_patience_still_ends_at_full_resolution(digits_sources, tmp_path):
+    model, history, best_epoch, step = _train(digits_sources, tmp_path, 3,
+                                              "local.rescaling.patience=10")
     assert [r.resolution for r in history] == ["1/2"] * 3
     assert tuple(model.stem.conv.weight.shape[2:]) == (6, 6)  # switched after the last epoch
-    _, accuracy = evaluate(model, digits_sources[1], torch.device("cpu"))
+    step.hooks = ()  # evaluate the returned network on full-resolution inputs
+    _, accuracy = evaluate(model, digits_sources[1], step)
     assert best_epoch == 3
     assert abs(accuracy - history[-1].val_accuracy) <= 1 / len(digits_sources[1]) + 1e-9

@@ -1,5 +1,6 @@
-"""Checkpoint/restart: a 2-rank run killed with SIGKILL mid local training, then resumed,
-ends with the same metrics as an uninterrupted run; a rank killed by a signal ends the job."""
+"""Checkpoint/restart: a 2-rank run killed with SIGKILL (or preempted by SIGUSR1) mid local
+training, then resumed, ends with the same metrics as an uninterrupted run, and its progress
+reaches 100 %; a rank killed by a signal ends the job."""
 
 import json
 import os
@@ -12,8 +13,11 @@ import torch
 from conftest import write_digits_h5
 from helpers import mpirun
 
-ARGS = ["train", "--config", "quickstart", "--set", "local.epochs=12",
-        "--set", "run.threads_per_rank=1", "--set", "coarse.epochs=50"]
+EPOCHS = 8
+ARGS = ["train", "--config", "quickstart", "--set", f"local.epochs={EPOCHS}",
+        "--set", "local.model.width=8", "--set", "run.threads_per_rank=1",
+        "--set", "coarse.epochs=30",
+        "--set", "run.device=cpu"]
 
 
 def _train(data, run_dir, *extra):
@@ -24,7 +28,7 @@ def _train(data, run_dir, *extra):
 
 def _epochs_done(checkpoint):
     try:
-        return torch.load(checkpoint, weights_only=False)["epoch"]
+        return torch.load(checkpoint, weights_only=True)["epoch"]
     except (FileNotFoundError, EOFError, RuntimeError):
         return 0
 
@@ -42,23 +46,47 @@ def _kill_session(sid):
 
 def _comparable(metrics):
     """Everything but wall times and paths."""
-    local = {s: {k: v for k, v in m.items() if k != "history"}
-             for s, m in metrics["local"].items()}
-    return metrics["global"], local, metrics["parameters"]
+    local = metrics["extra"]["local"]
+    return (metrics["combiners"], local, metrics["parameters"], metrics["extra"]["chosen"],
+            {name: [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")}
+                   for r in records]
+             for name, records in metrics["history"].items()})
+
+
+def _check_resumed_log(run, killed_at):
+    """The resumed run continued subdomain 0 after ``killed_at`` epochs (no epoch of it was
+    trained twice), and its progress reached 100 % of all epochs."""
+    log = (run / "logs" / "rank_00000.log").read_text()
+    for epoch in range(1, EPOCHS + 1):
+        assert log.count(f"subdomain 0 epoch {epoch}:") <= 1, f"epoch {epoch} trained twice"
+    assert f"subdomain 0 epoch {EPOCHS}:" in log
+    if killed_at is not None:
+        assert f"subdomain 0 epoch {killed_at + 1}:" in log
+    progress = [line for line in log.splitlines() if " epochs " in line and "%]" in line]
+    total = 4 * EPOCHS
+    assert f"[{total}/{total} epochs 100.0%]" in progress[-1], progress[-3:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Data set and metrics of the uninterrupted 2-rank run."""
+    base = tmp_path_factory.mktemp("reference")
+    data = write_digits_h5(base / "digits.h5")
+    cmd, env = _train(data, base / "run")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    return data, json.loads((base / "run" / "metrics.json").read_text())
 
 
 @pytest.mark.timeout(400)
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    data = write_digits_h5(tmp_path / "digits.h5")
-    cmd, env = _train(data, tmp_path / "reference")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
+    data, reference = reference
 
     run = tmp_path / "killed"
     cmd, env = _train(data, run)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 200
-    while _epochs_done(run / "checkpoints" / "local_000.pt") < 3:
+    while _epochs_done(run / "checkpoints" / "local_000.pt") < 2:
         assert proc.poll() is None, "run finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -66,13 +94,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     proc.wait(timeout=30)
     assert not (run / "metrics.json").exists()
     killed_at = _epochs_done(run / "checkpoints" / "local_000.pt")
-    assert 3 <= killed_at < 12
+    assert 2 <= killed_at < EPOCHS
 
     cmd, env = mpirun(2, "python", "-m", "ddmpi", "train", "--resume", str(run))
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed at epoch {killed_at + 1}" in (run / "logs" / "rank_00000.log").read_text()
-    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    _check_resumed_log(run, killed_at)
     final = json.loads((run / "metrics.json").read_text())
     assert _comparable(final) == _comparable(reference)
 
@@ -84,17 +111,17 @@ def test_rank_killed_by_signal_ends_the_job(tmp_path):
     script.write_text(
         "import os, signal, sys\n"
         "from mpi4py import MPI\n"
-        "import ddmpi.strategies.cnn_dnn\n"
-        "original = ddmpi.strategies.cnn_dnn._train_subdomain\n"
+        "import ddmpi.strategies.local\n"
+        "original = ddmpi.strategies.local.train_subdomain\n"
         "def die(*a, **k):\n"
         "    if MPI.COMM_WORLD.rank == 1:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return original(*a, **k)\n"
-        "ddmpi.strategies.cnn_dnn._train_subdomain = die\n"
+        "ddmpi.strategies.local.train_subdomain = die\n"
         "from ddmpi.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     cmd, env = mpirun(4, "python", str(script), "train", "--config", "quickstart",
-                      "--set", f"data.path={data}", "--set", "local.epochs=40",
+                      "--set", f"data.path={data}", "--set", "local.epochs=20",
                       "--run-dir", str(tmp_path / "run"))
     start = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
@@ -119,7 +146,8 @@ def _ranks_of_session(sid):
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
                 if os.getsid(int(entry)) == sid and b"ddmpi" in cmdline and b"prte" not in cmdline:
                     pids.append(int(entry))
             except (ProcessLookupError, PermissionError, FileNotFoundError):
@@ -128,11 +156,9 @@ def _ranks_of_session(sid):
 
 
 @pytest.mark.timeout(400)
-def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_metrics(tmp_path):
+def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_metrics(tmp_path, reference):
     """Slurm's warning signal (what srun forwards to every task) mid local training."""
-    data = write_digits_h5(tmp_path / "digits.h5")
-    cmd, env = _train(data, tmp_path / "reference")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    data, reference = reference
 
     run = tmp_path / "preempted"
     cmd, env = _train(data, run, "--resume")  # as the batch script launches it, every time
@@ -151,7 +177,8 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_metrics(tmp_path):
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed at epoch" in (run / "logs" / "rank_00000.log").read_text()
-    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    state = torch.load(run / "checkpoints" / "local_000.pt", weights_only=True)
+    assert state["finished"] and state["epoch"] == EPOCHS
+    _check_resumed_log(run, None)
     final = json.loads((run / "metrics.json").read_text())
     assert _comparable(final) == _comparable(reference)

@@ -12,8 +12,7 @@ from ddmpi.data import schema
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.reader import load_subdomain, read_box
 from ddmpi.data.schema import DatasetError, DatasetWriter, read_info
-from ddmpi.data.sources import (StreamingSource, TensorSource, box_nbytes, open_source,
-                                open_splits)
+from ddmpi.data.sources import StreamingSource, TensorSource, box_nbytes, open_source, open_splits
 
 N_TRAIN, N_VAL = 500, 37
 
@@ -108,7 +107,7 @@ def test_epoch_orders(pair):
     assert rows >= 40 and rows % 4 == 0
     runs, _ = stream._runs(a.numpy())  # windows of `prefetch` whole blocks: each block once
     assert len(runs) == -(-stream.num_blocks // stream.prefetch)
-    assert sorted(b for _, _, blocks in runs for b in blocks) == list(range(stream.num_blocks))
+    assert sorted(b for _, _, _, new in runs for b in new) == list(range(stream.num_blocks))
     mem = open_source(pair[0], "val", BOX)
     expected = torch.randperm(N_VAL, generator=torch.Generator().manual_seed(5 * 100_003 + 4))
     assert torch.equal(mem.epoch_order(5, 4), expected)
@@ -134,14 +133,19 @@ def test_bytes_read_are_the_share_of_the_subdomain(pair):
 def test_prefetch_bounds_the_blocks_alive(pair):
     stream = StreamingSource(pair[1], "train", BOX, block_rows=20, prefetch=2)
     assert stream.num_blocks == 8  # blocks of one whole uint8 chunk row (63 samples)
-    for batch in stream.batches(stream.epoch_order(0, 0), 16):
+    for _ in stream.batches(stream.epoch_order(0, 0), 16):
         time.sleep(0.002)  # a slow consumer: the reader thread would run ahead if unbounded
     assert stream.peak_queued == stream.prefetch
     assert stream.prefetch <= stream.peak_blocks <= stream.prefetch + 2
     sequential = StreamingSource(pair[1], "train", BOX, block_rows=20, prefetch=2)
-    for batch in sequential.batches(torch.arange(N_TRAIN), 16):
+    for _ in sequential.batches(torch.arange(N_TRAIN), 16):
         pass
     assert stream.bytes_read == sequential.bytes_read  # every block read once per epoch
+    resumed = StreamingSource(pair[1], "train", BOX, block_rows=20, prefetch=2)
+    order = resumed.epoch_order(0, 1)
+    xs, _, _ = _stack(resumed.batches(order[90:], 16))  # a resumed epoch: mid-window start
+    assert resumed.bytes_read <= sequential.bytes_read
+    assert torch.equal(xs, resumed.take(order[90:])[0])
 
 
 def test_abandoned_epoch_stops_the_reader(pair):
@@ -193,7 +197,7 @@ def test_pinned_batches_and_device_copy(pair):
         plain = open_source(path, "train", BOX)
         device = torch.device("cuda")
         got = []
-        for (x, y, idx), (xp, yp, _) in zip(mem.batches(order, 64), plain.batches(order, 64)):
+        for (x, y, _), (xp, yp, _) in zip(mem.batches(order, 64), plain.batches(order, 64)):
             assert x.is_pinned() and y.is_pinned()
             assert torch.equal(x, xp) and torch.equal(y, yp)
             got.append(x.to(device, non_blocking=True))

@@ -5,7 +5,12 @@ import torch
 import torch.distributed as dist
 
 from ddmpi.parallel import torch_dist
-from ddmpi.parallel.torch_dist import TorchDistError, default_backend, rendezvous_address, torch_distributed
+from ddmpi.parallel.torch_dist import (
+    TorchDistError,
+    default_backend,
+    rendezvous_address,
+    torch_distributed,
+)
 
 
 @pytest.fixture

@@ -6,8 +6,12 @@ import torch
 import torch.distributed as dist
 from helpers import assert_all
 
-from ddmpi.parallel.torch_dist import (init_torch_distributed, new_group_from_comm, split_with_group,
-                              torch_distributed)
+from ddmpi.parallel.torch_dist import (
+    init_torch_distributed,
+    new_group_from_comm,
+    split_with_group,
+    torch_distributed,
+)
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 

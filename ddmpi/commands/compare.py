@@ -85,11 +85,16 @@ def summarise(config, ranks, runs):
     for row in rows.values():
         row["time_vs_compute_matched"] = (row["wall_seconds"]["mean"] /
                                           base["wall_seconds"]["mean"] if base else None)
+    lines = curves(runs)
+    target = config.compare.target_accuracy or lowest_best(lines)
+    for row in rows.values():
+        line = lines.get(row["run"])
+        row["time_to_target"] = None if line is None else time_to(line, target)
     return {"ranks": ranks, "dataset": config.data.path, "seeds": config.compare.seeds,
             "decomposition": {"grid": list(config.decomposition.grid),
                               "overlap": config.decomposition.overlap},
-            "epochs": config.local.epochs, "rows": rows,
-            "paired": paired_tests(correct), "curves": curves(runs)}
+            "epochs": config.local.epochs, "rows": rows, "target_accuracy": target,
+            "paired": paired_tests(correct), "curves": lines}
 
 
 def row_summary(row, name, results, metrics):
@@ -122,14 +127,28 @@ def paired_tests(correct):
 
 
 def curves(runs):
-    """Validation accuracy over cumulative epoch time of the first seed (time to target)."""
+    """Validation accuracy over cumulative training time (first seed) of the strategies that
+    train one global model (the CNN-DNN's local CNNs have no global validation curve)."""
     out = {}
     for name, results in runs.items():
-        for key, history in results[0].history.items():
+        if name != "cnn_dnn":
+            history = next(iter(results[0].history.values()))
             elapsed = np.cumsum([r["seconds"] for r in history]).tolist()
-            out[f"{name}: {key}"] = [{"elapsed": t, "val_accuracy": r["val_accuracy"]}
-                                     for t, r in zip(elapsed, history)]
+            out[name] = [{"elapsed": t, "val_accuracy": r["val_accuracy"]}
+                         for t, r in zip(elapsed, history)]
     return out
+
+
+def lowest_best(lines):
+    """The default target: the lowest best validation accuracy, so every curve reaches it."""
+    bests = [max(p["val_accuracy"] for p in line) for line in lines.values() if line]
+    return min(bests) if bests else None
+
+
+def time_to(line, target):
+    """Training seconds until the first epoch whose validation accuracy reaches ``target``."""
+    return next((p["elapsed"] for p in line if target is not None
+                 and p["val_accuracy"] >= target), None)
 
 
 def main(args, world):

@@ -254,31 +254,57 @@ def load_sample(path, info):
     return load_image(path, shape, "grey" if channels == 1 else "rgb")
 
 
-def load_inputs(paths, info):
+def load_inputs(paths, info, split="test"):
     """Input files as samples of the data set ``info``: ``(x (N, C, *shape) float32 in [0, 1],
-    ids)``. Image and NIfTI files give one sample each, a CIFAR python batch all of its own."""
+    ids, labels (N,) int64 or None)``. One HDF5 data set gives its ``split``; a CIFAR python
+    batch all its images; image and NIfTI files one sample each (then labels are None)."""
     channels, shape, _ = _describe(info)
-    arrays, ids = [], []
-    for name in paths:
-        path = Path(name)
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].suffix.lower() in (".h5", ".hdf5"):
+        x, ids, labels = _load_h5_split(paths[0], split)
+    else:
+        x, ids, labels = _load_files(paths, info, channels, shape)
+    if x.shape[1:] != (channels,) + shape:
+        raise InputError(f"{paths[0]}: loaded as {x.shape[1:]}, expected {(channels,) + shape}")
+    return x, ids, labels
+
+
+def _load_h5_split(path, split):
+    """``split`` of a prepared data set, unnormalised in [0, 1], with its ids and labels."""
+    from ddmpi.data.schema import open_h5, read_info
+
+    norm = read_info(path).normalization
+    with open_h5(path) as f:
+        if split not in f:
+            raise InputError(f"{path}: no split {split!r}")
+        grp = f[split]
+        labels = np.asarray(grp["labels"][()], dtype=np.int64)
+        ids = (list(grp["ids"].asstr()[()]) if "ids" in grp
+               else [f"{split}:{i}" for i in range(len(labels))])
+        return norm.unit(grp["images"][()]), ids, labels
+
+
+def _load_files(paths, info, channels, shape):
+    arrays, ids, labels = [], [], []
+    for path in paths:
         if not path.is_file():
             raise InputError(f"{path}: input file not found")
         if is_nifti(path) or is_image(path):
             arrays.append(load_sample(path, info)[None])
             ids.append(str(path))
+            labels.append(None)
         elif is_cifar_batch(path):
             if (channels, shape) != (3, (CIFAR_SIDE, CIFAR_SIDE)):
                 raise InputError(f"{path}: CIFAR images are 3x32x32, the data set's are "
                                  f"{channels}x{'x'.join(map(str, shape))}")
-            data, _, _ = read_cifar_batch(path, labels_required=False)
+            data, y, _ = read_cifar_batch(path, labels_required=False)
             arrays.append(data.astype(np.float32) / 255)
             ids += [f"{path}:{i}" for i in range(len(data))]
+            labels.append(y)
         else:
-            raise InputError(f"{path}: unsupported input type (expected an image file, a NIfTI "
-                             f"volume or a CIFAR python batch)")
+            raise InputError(f"{path}: unsupported input type (expected a ddmpi HDF5 file, an "
+                             f"image file, a NIfTI volume or a CIFAR python batch)")
     if not arrays:
         raise InputError("no input files given")
-    x = np.concatenate(arrays).astype(np.float32, copy=False)
-    if x.shape[1:] != (channels,) + shape:
-        raise InputError(f"{paths[0]}: loaded as {x.shape[1:]}, expected {(channels,) + shape}")
-    return x, ids
+    known = None if any(y is None for y in labels) else np.concatenate(labels)
+    return np.concatenate(arrays).astype(np.float32, copy=False), ids, known

@@ -197,9 +197,9 @@ class SubdomainDataset(torch.utils.data.Dataset):
     their own); ``"auto"`` (default) loads when the subdomain's bytes for this split are at
     most ``memory_budget`` (default 2 GiB).
 
-    Raises :class:`ddmpi.data.schema.DatasetError` (a ``ValueError``) naming the file for a file that
-    is not a ddmpi data set, a missing split, or images whose shape does not match the
-    decomposition; ``ValueError`` for a subdomain outside the grid.
+    Raises ``DatasetError`` naming the file for a file that is not a ddmpi data set, a missing
+    split, or images whose shape does not match the decomposition; ``ValueError`` for a
+    subdomain outside the grid.
     """
 
     def __init__(self, path, split, decomposition, subdomain, normalize=True, in_memory="auto",

@@ -17,7 +17,7 @@ from ddmpi.data.atomic import atomic_path
 
 FORMAT = "ddmpi-dataset"
 FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # v1: float32 images only; v2 adds uint8 storage (attrs storage_dtype, scale)
+READ_VERSIONS = (1, 2)  # v1: float32 only; v2 adds uint8 storage (attrs storage_dtype, scale)
 STORAGE_DTYPES = ("float32", "uint8")
 UINT8_SCALE = 1 / 255  # a stored uint8 value v stands for v * scale = v / 255 in [0, 1]
 SPLITS = ("train", "val", "test")

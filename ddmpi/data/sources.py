@@ -62,6 +62,7 @@ class TensorSource:
         if pin and not torch.cuda.is_available():
             raise ValueError("pin=True needs CUDA (pinned memory serves host-to-GPU copies)")
         self.pin = bool(pin) and self.x.device.type == "cpu"
+        self.normalized = False  # True: ``x`` holds network inputs already (see ``to``)
 
     def __len__(self):
         return len(self.labels)
@@ -81,8 +82,13 @@ class TensorSource:
         return self.x.numel() * self.x.element_size()
 
     def to(self, device):
-        """A copy whose stored images live on ``device`` (batches then come out there)."""
-        return TensorSource(self.x.to(device), self.labels, self.normalization, self.box)
+        """A copy whose images live on ``device`` (batches then come out there); float32
+        images are normalised once on the way, uint8 ones stay compact and per batch."""
+        moved = TensorSource(self.x.to(device), self.labels, self.normalization, self.box)
+        if moved.x.dtype == torch.float32:
+            moved.x = self.normalization.apply_torch(moved.x, out=moved.x)
+            moved.normalized = True
+        return moved
 
     def epoch_order(self, seed, epoch):
         """The shuffled order of one epoch: ``torch.randperm`` seeded by (seed, epoch)."""
@@ -92,7 +98,8 @@ class TensorSource:
         """``(x normalised float32, y)`` of ``indices``, on the source's device."""
         idx = torch.as_tensor(indices, dtype=torch.int64).to(self.x.device)
         x = self.x.index_select(0, idx)
-        x = self.normalization.apply_torch(x, out=x if x.dtype == torch.float32 else None)
+        if not self.normalized:
+            x = self.normalization.apply_torch(x, out=x if x.dtype == torch.float32 else None)
         return x, self._y[idx]
 
     def batches(self, order, batch_size):
@@ -228,8 +235,8 @@ class StreamingSource:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def _runs(self, order):
-        """``(start, stop, blocks)``: stretches of ``order`` touching at most ``prefetch``
-        distinct blocks (listed in order of first use)."""
+        """``(start, stop, blocks, new)``: stretches of ``order`` touching at most ``prefetch``
+        distinct blocks (in order of first use); ``new``: those the previous run did not hold."""
         block_of = order // self.block_rows
         runs, start, blocks = [], 0, []
         for pos, b in enumerate(block_of.tolist()):
@@ -240,7 +247,11 @@ class StreamingSource:
                 blocks.append(b)
         if blocks:
             runs.append((start, len(order), blocks))
-        return runs, block_of
+        previous, out = [], []
+        for start, stop, blocks in runs:
+            out.append((start, stop, blocks, [b for b in blocks if b not in previous]))
+            previous = blocks
+        return out, block_of
 
     def batches(self, order, batch_size):
         """``(x, y, idx)`` batches of exactly the samples of ``order``, in that order (on the
@@ -248,13 +259,15 @@ class StreamingSource:
         batch_size = _check_batch_size(batch_size)
         order = _as_order(order, self.num_samples)
         runs, block_of = self._runs(order)
-        reader = _BlockReader(self, [b for _, _, blocks in runs for b in blocks])
+        reader = _BlockReader(self, [b for _, _, _, new in runs for b in new])
         buf = np.empty((batch_size,) + self.sample_shape, dtype=self.info.storage_dtype)
         filled, first, held = 0, 0, {}
         try:
-            for start, stop, blocks in runs:
-                held = {}
-                for b in blocks:
+            for start, stop, blocks, new in runs:
+                keep = {b: held[b] for b in blocks if b in held}
+                reader.release(len(held) - len(keep))
+                held = keep
+                for b in new:
                     held[b] = reader.get(b)
                 pos = start
                 while pos < stop:
@@ -265,8 +278,6 @@ class StreamingSource:
                     if filled == batch_size:
                         yield self._emit(buf, order[first:pos])
                         filled, first = 0, pos
-                reader.release(len(held))
-                held = {}
             if filled:
                 yield self._emit(buf[:filled], order[first:])
         finally:
@@ -323,12 +334,12 @@ class _BlockReader:
             self.source._alive_add(1)
             try:
                 item = (b, self.source.read_block(b))
-            except BaseException as err:  # handed to the consumer, raised there
+            except Exception as err:  # noqa: BLE001 - handed to the consumer, raised there
                 item = (b, err)
-            if not self._wait(lambda: self._put(item)):
+            if not self._wait(lambda item=item: self._put(item)):
                 self.release(1)
                 return
-            if isinstance(item[1], BaseException):
+            if isinstance(item[1], Exception):
                 return
 
     def _put(self, item):
@@ -342,7 +353,7 @@ class _BlockReader:
     def get(self, expected):
         """The next block, which must be ``expected`` (the schedule's order)."""
         b, block = self.queue.get()
-        if isinstance(block, BaseException):
+        if isinstance(block, Exception):
             self.release(1)
             raise block
         assert b == expected, (b, expected)

@@ -359,27 +359,9 @@ def _visible_hint(environ):
 
 def select_device(local_rank, requested="auto", num_gpus=None, *, local_size=None,
                   gpus_per_rank=None, environ=None, field="run.device", host=None):
-    """The ``torch.device`` this rank computes on.
-
-    ``requested``:
-
-    - ``"cpu"``: the CPU.
-    - ``"auto"``: ``cuda:(local_rank % num_gpus)`` when a GPU is visible, else the CPU. When
-      Slurm lists GPUs for this job (``SLURM_STEP_GPUS``/``SLURM_JOB_GPUS``) but torch sees
-      none (CPU-only torch build, driver problem), raise instead of silently training on CPU.
-    - ``"cuda"``: as ``auto`` but a missing GPU is an error.
-    - ``"cuda:N"``: device N of the visible ones; ``N >= num_gpus`` is an error.
-
-    The node-local rank is taken modulo the *visible* devices, which covers both Slurm GPU
-    bindings: ``--gpus-per-task=1`` (each task sees one device: index 0) and ``--gres=gpu:K``
-    with K tasks per node (each sees all K: index = local rank). More ranks than GPUs share
-    GPUs round-robin unless ``gpus_per_rank`` asks for dedicated ones: then
-    ``local_size * gpus_per_rank`` must not exceed the visible count, and the rank gets the
-    first device of its block, ``cuda:(local_rank * gpus_per_rank)``.
-
-    ``num_gpus`` defaults to the count torch sees (:func:`visible_gpu_count`); tests inject it.
-    Raises :class:`BindingError` (a ``ValueError``) naming ``field``.
-    """
+    """The ``torch.device`` this rank computes on: ``"cpu"``, ``"auto"``, ``"cuda"`` or
+    ``"cuda:N"``; the node-local rank modulo the visible GPUs (docs/architecture.md, binding).
+    Raises :class:`BindingError` naming ``field``."""
     import torch
 
     environ = os.environ if environ is None else environ

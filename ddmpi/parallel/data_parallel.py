@@ -8,6 +8,7 @@ once per epoch, before validation, so every replica evaluates identically.
 import contextlib
 import inspect
 import math
+import socket
 
 import torch
 import torch.distributed as dist
@@ -70,8 +71,15 @@ class DDPDataParallel(DataParallel):
         pass  # DDP reduced the gradients during backward
 
 
+def ddp_backend(group, device):
+    """NCCL when every rank has a GPU of its own, else gloo (NCCL refuses shared GPUs)."""
+    places = group.allgather((socket.gethostname(), str(device)))
+    own = device.type == "cuda" and len(set(places)) == len(places)
+    return "nccl" if own else "gloo"
+
+
 @contextlib.contextmanager
 def ddp_over(group, device):
     """A :class:`DDPDataParallel` over ``group`` for the duration of the block."""
-    with torch_distributed(group.comm, device):
+    with torch_distributed(group.comm, device, backend=ddp_backend(group, device)):
         yield DDPDataParallel(group, dist.group.WORLD)

@@ -193,22 +193,27 @@ class Group:
                 result[order, start:stop] = chunk
         return result
 
-    def stop_vote(self):
-        """A non-blocking vote on stopping, for a flag polled every training step."""
-        return StopVote(self)
+    def stop_vote(self, every=32):
+        """A non-blocking vote on stopping, polled every training step, held every ``every``."""
+        return StopVote(self, every)
 
 
 class StopVote:
-    """Each :meth:`poll` returns the outcome of the previous poll's vote (all ranks alike) and
-    starts the next one, so no step waits on a blocking collective."""
+    """Every ``every``-th :meth:`poll` completes the previous vote (the same outcome on all
+    ranks) and starts the next one: no step waits on a blocking collective, and most steps
+    communicate nothing."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, every=32):
+        self.group, self.every = group, every
+        self.calls = 0
         self.request = None
         self.send = np.zeros(1, np.int32)
         self.recv = np.zeros(1, np.int32)
 
     def poll(self, flag):
+        self.calls += 1
+        if self.calls % self.every:
+            return False
         outcome = False
         if self.request is not None:
             self.request.Wait()
@@ -218,11 +223,13 @@ class StopVote:
         return outcome
 
     def finish(self, flag):
-        """Blocking final vote (end of an epoch): completes the pending one first."""
-        pending = self.poll(flag)
-        self.request.Wait()
-        self.request = None
-        return pending or bool(self.recv[0])
+        """Blocking vote at the end of an epoch (completes a pending one first)."""
+        pending = False
+        if self.request is not None:
+            self.request.Wait()
+            pending = bool(self.recv[0])
+        self.request, self.calls = None, 0
+        return pending or self.group.any(flag)
 
 
 def _displacements(sizes):

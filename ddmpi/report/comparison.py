@@ -13,7 +13,8 @@ LABELS = {
     "coherent_transfer": "coherent CNN-DNN, transfer",
 }
 COLUMNS = ("strategy", "test acc (mean +- std)", "balanced acc", "ROC AUC", "wall (s)",
-           "time / compute-matched", "parameters", "train MFLOP/sample", "peak RSS (MiB)")
+           "time / compute-matched", "time to target (s)", "parameters", "train MFLOP/sample",
+           "peak RSS (MiB)")
 
 
 def _pm(stat, scale=100, unit=" %"):
@@ -25,14 +26,19 @@ def _cells(row):
     flops = row["flops_per_sample"]
     return [row["label"], _pm(row["accuracy"]), _pm(row["balanced_accuracy"]),
             f"{row['roc_auc']['mean']:.4f}", _pm(row["wall_seconds"], 1, ""),
-            "-" if ratio is None else f"{ratio:.2f}", f"{row['parameters']:,}",
+            "-" if ratio is None else f"{ratio:.2f}",
+            "-" if row.get("time_to_target") is None else f"{row['time_to_target']:.1f}",
+            f"{row['parameters']:,}",
             "-" if flops is None else f"{flops / 1e6:.1f}", f"{row['peak_rss_mb']:.0f}"]
 
 
 def title(c):
+    target = c.get("target_accuracy")
+    target = "-" if target is None else f"{100 * target:.2f} % validation accuracy"
     return (f"{c['dataset']}: {c['ranks']} ranks, grid {c['decomposition']['grid']} overlap "
             f"{c['decomposition']['overlap']}, {c['epochs']} epochs, {c['seeds']} seed(s); "
-            f"accuracy on the test split, mean +- std over seeds")
+            f"accuracy on the test split, mean +- std over seeds; target {target} (time to "
+            f"target: first seed's training seconds)")
 
 
 def format_table(c):

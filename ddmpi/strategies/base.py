@@ -89,7 +89,8 @@ class RunContext:
         amp = run.amp is True or (run.amp == "auto" and cuda)
         channels_last = run.channels_last is True or (
             run.channels_last == "auto" and cuda and self.info.spatial_dims == 2)
-        return Step(self.device, amp=amp, channels_last=channels_last, **kwargs)
+        return Step(self.device, amp=amp, channels_last=channels_last, compile=run.compile,
+                    **kwargs)
 
     def decomposition(self):
         return decomposition_of(self.config, self.info)

@@ -61,7 +61,9 @@ class CNNDNN(Strategy):
 
     def _combine(self, gathered, summaries):
         ctx, cfg = self.ctx, self.ctx.config
-        labels = {split: read_labels(ctx.info.path, split) for split in gathered}
+        # "oof" is not a split of the file: its decisions are of the train split's samples
+        splits = dict.fromkeys("train" if split == "oof" else split for split in gathered)
+        labels = {split: read_labels(ctx.info.path, split) for split in splits}
         x, y = coarse_training_data(cfg.coarse.train_on, gathered, labels)
         fit = train_coarse(x, y, cfg.coarse, seed=cfg.run.seed, device=ctx.device)
         save_checkpoint(coarse_path(ctx.run_dir), {

@@ -108,7 +108,7 @@ class Coherent(Strategy):
         self.step = step
         fit(self.trainer, self.joint["train"], self.joint["val"], step,
             batch_size=cfg.local.batch_size, seed=cfg.run.seed,
-            should_stop=lambda: self.group.any(preemption.requested()))
+            should_stop=preemption.requested, vote=self.group.stop_vote())
 
     def _models(self, decomposition, owned):
         ctx, cfg = self.ctx, self.ctx.config

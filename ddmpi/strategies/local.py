@@ -67,13 +67,13 @@ def train_cnn(ctx, kwargs, train, val, augment, *, seed, path, epochs, parallel=
         trainer.load_state_dict(state)
         if progress is not None and writes:
             progress.epochs_resumed(trainer.epoch)
-    epoch_hooks = [hooks.Checkpoint(path, enabled=writes)]
+    # the switch first: the checkpoint of the switch epoch must hold the switched network
+    epoch_hooks = [hooks.Rescaling(rescaler, cfg, trainer)] if rescaler is not None else []
+    epoch_hooks.append(hooks.Checkpoint(path, enabled=writes))
     if progress is not None and writes:
         epoch_hooks.append(hooks.Report(lambda record: progress.epoch_done(name, record)))
     if cfg.early_stopping_patience is not None:
         epoch_hooks.append(hooks.EarlyStopping(cfg.early_stopping_patience))
-    if rescaler is not None:
-        epoch_hooks.append(hooks.Rescaling(rescaler, cfg, trainer))
     with ScalarWriter(ctx.run_dir, name.replace(" ", "_") or "global",
                       tensorboard=ctx.config.run.tensorboard and writes) as scalars:
         if writes:
@@ -114,6 +114,7 @@ def train_subdomain(ctx, decomposition, sub, parallel, progress, writes):
                                                   kwargs["in_channels"]),
                "best_epoch": trainer.best["epoch"], "accuracy": accuracy,
                "history": [vars(r) for r in trainer.history], "device": str(ctx.device),
+               "train_bytes_read": getattr(sources["train"], "bytes_read", None),
                "epochs_skipped": config.local.epochs - len(trainer.history)}
     if writes:
         with atomic_path(decisions_path(ctx.run_dir, sub)) as tmp, open(tmp, "wb") as f:

@@ -7,6 +7,10 @@ import torch
 from ddmpi.data.atomic import atomic_path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or holds more than tensors and plain values."""
+
+
 def save_checkpoint(path, state):
     """Write ``state`` (tensors and plain Python values only) to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -24,5 +28,5 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - name the file, whatever torch raised
-        raise ValueError(f"{path}: unreadable or unsafe checkpoint, refused (only tensors and "
+        raise CheckpointError(f"{path}: unreadable or unsafe checkpoint, refused (only tensors and "
                          f"plain values are loaded): {str(err).splitlines()[0]}") from err

@@ -114,6 +114,7 @@ class Step:
     augment: Optional[Callable] = None  # (x, idx, epoch) -> x, training batches only
     parallel: Optional[object] = None   # ddmpi.parallel.data_parallel.DataParallel
     hooks: tuple = ()
+    compile: bool = False               # torch.compile the network of the training steps
 
     def inputs(self, x, idx=None, epoch=None):
         x = to_device(x, self.device, self.channels_last)
@@ -128,9 +129,11 @@ def train_one_epoch(trainer, net, source, order, batch_size, step, poll_stop):
     """Train over ``order`` from ``trainer.batch`` on; return (loss sum, correct, seen)."""
     trainer.model.train()
     sums = trainer.partial or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-    loss_sum = torch.zeros((), device=step.device)
-    correct = torch.zeros((), device=step.device, dtype=torch.int64)
-    seen, start = 0, trainer.batch
+    # continue the interrupted epoch's float32 sum itself: a resumed epoch adds its losses in
+    # the same order and precision as an uninterrupted one (bit-identical train_loss)
+    loss_sum = torch.tensor(sums["loss"], dtype=torch.float32, device=step.device)
+    correct = torch.tensor(sums["correct"], device=step.device, dtype=torch.int64)
+    seen, start = sums["seen"], trainer.batch
     for b, (x, y, idx) in enumerate(source.batches(order[start * batch_size:], batch_size),
                                     start=start):
         x = step.inputs(x, idx, trainer.epoch)
@@ -155,8 +158,9 @@ def train_one_epoch(trainer, net, source, order, batch_size, step, poll_stop):
 
 
 def _add(sums, loss_sum, correct, seen):
-    return {"loss": sums["loss"] + float(loss_sum), "correct": sums["correct"] + int(correct),
-            "seen": sums["seen"] + seen, "seconds": sums["seconds"]}
+    """The epoch's running totals (``loss_sum``, ``correct`` and ``seen`` include ``sums``)."""
+    return {"loss": float(loss_sum), "correct": int(correct), "seen": seen,
+            "seconds": sums["seconds"]}
 
 
 @torch.no_grad()
@@ -188,16 +192,18 @@ def evaluate(model, source, step, batch_size=512):
     return nll / max(n, 1), right / max(n, 1)
 
 
-def fit(trainer, train, val, step, *, batch_size, seed, should_stop=lambda: False):
+def fit(trainer, train, val, step, *, batch_size, seed, should_stop=lambda: False, vote=None):
     """Train ``trainer`` to ``trainer.epochs`` (or a hook's stop); leave the best state loaded.
 
-    Raises :class:`Preempted` when ``should_stop()`` turns true on any replica, after the
-    hooks' ``interrupted`` (which checkpoints).
+    Raises :class:`Preempted` when ``should_stop()`` turns true (on any rank of ``vote``, a
+    :class:`~ddmpi.parallel.group.StopVote`; by default the data-parallel replicas'), after
+    the hooks' ``interrupted`` (which checkpoints).
     """
     parallel, hooks = step.parallel, step.hooks
-    vote = parallel.stop_vote() if parallel is not None else None
+    if vote is None and parallel is not None:
+        vote = parallel.stop_vote()
     poll = (lambda: vote.poll(should_stop())) if vote else should_stop
-    net = parallel.wrap(trainer.model) if parallel is not None else trainer.model
+    net = _network(trainer.model, step)
     while trainer.epoch < trainer.epochs and not trainer.stop:
         t0 = time.perf_counter()
         order = train.epoch_order(seed, trainer.epoch)
@@ -214,14 +220,22 @@ def fit(trainer, train, val, step, *, batch_size, seed, should_stop=lambda: Fals
         record = _finish_epoch(trainer, val, step, sums, t0)
         for hook in hooks:
             hook.epoch_end(trainer, record)  # the checkpoint hook saves the finished epoch
-        if trainer.model is not model_before and parallel is not None:
-            net = parallel.wrap(trainer.model)
+        if trainer.model is not model_before:
+            net = _network(trainer.model, step)
         if (vote.finish(should_stop()) if vote else should_stop()) and not trainer.stop \
                 and trainer.epoch < trainer.epochs:
             raise Preempted(f"stopped after epoch {trainer.epoch}")
     if trainer.best["state"] is not None:
         trainer.model.load_state_dict(trainer.best["state"])
     return trainer
+
+
+def _network(model, step):
+    """What the training steps call: the model, wrapped for data parallelism, compiled."""
+    if step.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = step.parallel.wrap(model) if step.parallel is not None else model
+    return torch.compile(net) if step.compile else net
 
 
 def _finish_epoch(trainer, val, step, sums, t0):
