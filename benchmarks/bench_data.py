@@ -16,7 +16,7 @@ It prepares ``data/mnist60k.h5`` (float32) and ``data/mnist60k_u8.h5`` (uint8) f
 IDX files in ``--src`` with ``python -m data_prep mnist`` (54,000 / 6,000 / 10,000 split) when
 they are missing, then runs ``mpirun -n P ddmpi train`` (``benchmarks/configs/mnist10k_2x2.yaml``
 with ``--set`` overrides: the data set, ``local.epochs``, a smaller CNN for a 2-core machine)
-three times with the same seeds:
+with the same seeds:
 
     float32 in memory     data.in_memory=true
     float32 streamed      data.in_memory=false, data.memory_budget_gb=--budget-gb
@@ -37,9 +37,10 @@ this process (bytes read, blocks alive at most, time) for both files.
 Equal accuracy means within noise: the streamed source visits the samples in a block-shuffled
 order (blocks in random order, rows shuffled within windows of ``prefetch`` blocks), the
 in-memory source in a full random permutation, so the two runs see different mini-batches.
-The uint8 and float32 files hold bit-identical normalised inputs (MNIST is 8-bit), so the two
-streamed runs see the same inputs in the same order: their results should agree up to
-floating-point non-determinism.
+The uint8 and float32 files hold bit-identical normalised inputs (MNIST is 8-bit), but their
+streamed blocks differ: a block is about 16 MiB of the box, i.e. 4x the rows in uint8, so the
+block-shuffled orders of the two streamed runs differ too (on MNIST 60k with 2x2 subdomains the
+uint8 train box is a single block, whose order is then the in-memory run's full permutation).
 """
 
 import argparse
@@ -253,7 +254,7 @@ def main(argv=None):
     print("\nbytes read per epoch by each rank's train sources against its share of the stored "
           "train split (own = the bytes of its subdomains' boxes, overlap included; 1/P = the "
           "split's bytes divided by the ranks)")
-    print(f"{'run':<20} {'rank':>4} {'subdomains':>10} {'read MiB':>9} {'own MiB':>8} "
+    print(f"{'run':<30} {'rank':>4} {'subdomains':>10} {'read MiB':>9} {'own MiB':>8} "
           f"{'1/P MiB':>8} {'read/own':>8} {'read/(1/P)':>10} {'budget MiB':>10} "
           f"{'peak RSS':>9}")
     for n in names[1:]:
@@ -261,7 +262,7 @@ def main(argv=None):
         share = split_bytes[key] / args.ranks
         for r, e in sorted(figures[n].items(), key=lambda kv: int(kv[0])):
             read = e["bytes_read_per_epoch"]
-            print(f"{n:<20} {r:>4} {str(e['subdomains']):>10} {read / MiB:9.2f} "
+            print(f"{n:<30} {r:>4} {str(e['subdomains']):>10} {read / MiB:9.2f} "
                   f"{e['own_bytes'] / MiB:8.2f} {share / MiB:8.2f} {read / e['own_bytes']:8.3f} "
                   f"{read / share:10.3f} {args.budget_gb * 1024:10.1f} "
                   f"{e['peak_rss_mb']:8.1f}M")

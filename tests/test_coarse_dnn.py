@@ -35,7 +35,7 @@ def few_shot(per_class, seed, k=40, s=4):
 
 
 def _acc(p, y):
-    return combiners.accuracy(np.asarray(p).argmax(1), y)
+    return float((np.asarray(p).argmax(1) == np.asarray(y)).mean())
 
 
 @pytest.mark.parametrize("inputs", ["log", "prob"])
@@ -146,20 +146,32 @@ def test_training_api_takes_no_test_data():
     probs, y = informative_one(50, seed=6)
     fit = dnn.train_coarse(probs, y, CoarseConfig(hidden=[4], epochs=2), seed=0)
     assert set(fit.holdout["indices"]) <= set(range(50))
-    assert set(fit.holdout) == {"indices", *dnn.COMBINERS}
+    assert set(fit.holdout) == {"indices", "fallback_test", *dnn.COMBINERS}
 
 
-def _scores(dnn_acc, dnn_nll, avg_acc=0.9, vote_acc=0.8, avg_nll=0.5):
-    return {"cnn_dnn": {"accuracy": dnn_acc, "nll": dnn_nll},
-            "average_probabilities": {"accuracy": avg_acc, "nll": avg_nll},
-            "majority_vote": {"accuracy": vote_acc, "nll": 5.0}}
+def _scores(dnn_right, avg_right, vote_right):
+    out = {}
+    for name, right in (("cnn_dnn", dnn_right), ("average_probabilities", avg_right),
+                        ("majority_vote", vote_right)):
+        right = np.asarray(right, bool)
+        out[name] = {"accuracy": float(right.mean()), "nll": 0.0, "right": right}
+    return out
 
 
-def test_fallback_rules():
-    assert dnn._choose(_scores(0.95, 0.9), True) == "cnn_dnn"
-    assert dnn._choose(_scores(0.85, 0.1), True) == "average_probabilities"
-    assert dnn._choose(_scores(0.85, 0.1), False) == "cnn_dnn"
-    assert dnn._choose(_scores(0.9, 0.4), True) == "cnn_dnn"          # tie, lower NLL
-    assert dnn._choose(_scores(0.9, 0.5), True) == "average_probabilities"  # tie, NLL not lower
-    assert dnn._choose(_scores(0.9, 0.1, vote_acc=0.95), True) == "majority_vote"
-    assert dnn._choose(_scores(0.95, 0.1, vote_acc=0.95), True) == "cnn_dnn"
+def test_fallback_needs_significant_evidence():
+    n = 100
+    base = np.ones(n, bool)
+    worse = base.copy()
+    worse[:12] = False                       # the coarse model misses 12 the others get
+    assert dnn._choose(_scores(base, worse, worse), True)[0] == "cnn_dnn"
+    choice, test = dnn._choose(_scores(worse, base, worse), True)
+    assert choice == "average_probabilities"  # 12 vs 0 discordant: p = 0.5 ** 12
+    assert test["cheap_only_right"] == 12 and test["p_value"] == pytest.approx(0.5 ** 12)
+    assert dnn._choose(_scores(worse, base, worse), False)[0] == "cnn_dnn"
+    slightly = base.copy()
+    slightly[:2] = False                     # 2 vs 0: not significant, the coarse model stays
+    assert dnn._choose(_scores(slightly, base, base), True)[0] == "cnn_dnn"
+    choice, _ = dnn._choose(_scores(worse, worse, base), True)
+    assert choice == "majority_vote"          # the better cheap combiner is tested
+    tie = dnn._choose(_scores(worse, base, base), True)
+    assert tie[0] == "average_probabilities"  # equal cheap accuracies: averaging

@@ -1,4 +1,4 @@
-"""Majority vote, averaged (log-)probabilities, accuracy and confusion matrices."""
+"""Majority vote and averaged (log-)probabilities (metrics: tests/test_stats.py)."""
 
 import numpy as np
 
@@ -32,9 +32,3 @@ def test_average_log_probabilities_is_the_normalised_geometric_mean():
     probs = np.array([[[0.9, 0.1]], [[0.9, 0.1]], [[1e-9, 1 - 1e-9]]])
     assert combiners.average_probabilities(probs).argmax(1).tolist() == [0]
     assert combiners.average_log_probabilities(probs).argmax(1).tolist() == [1]
-
-
-def test_confusion_and_per_class():
-    matrix = combiners.confusion_matrix([0, 1, 1, 2], [0, 1, 2, 2], 3)
-    assert matrix.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
-    np.testing.assert_allclose(combiners.per_class_accuracy(matrix), [1, 1, 0.5])

@@ -428,6 +428,7 @@ exec "$@"
 def run_sh(tmp_path, python, mpirun, sizes="1 64", *args):
     env = {**os.environ, "PYTHON": str(python), "MPIEXEC": str(mpirun),
            "DDMPI_MPI_SIZES": sizes}
+    env.pop("DDMPI_TEST_PARTS", None)  # every part, whatever the calling shell chose
     return subprocess.run(["bash", str(RUN_SH), *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -437,13 +438,14 @@ def test_run_sh_runs_every_part_and_summarises(tmp_path):
     result = run_sh(tmp_path, python, mpirun, "1 64", "-x")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().splitlines()[-1] == \
-        "=== run.sh: PASSED: serial ok; mpi-1 ok; mpi-64 ok"
+        "=== run.sh: PASSED: lint ok; serial ok; mpi-1 ok; mpi-64 ok"
     calls = log.read_text().splitlines()
-    assert calls[0] == "python -m pytest -m not mpi -x"
+    assert calls[0] == "python -m ruff check ddmpi data_prep"
+    assert calls[1] == "python -m pytest -m not mpi -x"
     # --oversubscribe only where there are fewer cores than ranks (no machine here has 64).
-    assert f"mpirun -n 1 {python} -m pytest --with-mpi -m mpi" in calls[1]
-    assert calls[1].endswith("-o timeout_method=thread -x")
-    assert f"mpirun -n 64 --oversubscribe {python} -m pytest --with-mpi -m mpi" in calls[3]
+    assert f"mpirun -n 1 {python} -m pytest --with-mpi -m mpi" in calls[2]
+    assert calls[2].endswith("-o timeout_method=thread -x")
+    assert f"mpirun -n 64 --oversubscribe {python} -m pytest --with-mpi -m mpi" in calls[4]
 
 
 def test_run_sh_fails_when_a_part_fails_or_collects_nothing(tmp_path):
@@ -451,4 +453,5 @@ def test_run_sh_fails_when_a_part_fails_or_collects_nothing(tmp_path):
     result = run_sh(tmp_path, python, mpirun, "2")
     assert result.returncode == 1
     assert result.stdout.rstrip().splitlines()[-1] == (
-        "=== run.sh: FAILED: serial FAILED (exit 1); mpi-2 FAILED (exit 5, no tests collected)")
+        "=== run.sh: FAILED: lint FAILED (exit 1); serial FAILED (exit 1); mpi-2 FAILED (exit 5, "
+        "no tests collected)")

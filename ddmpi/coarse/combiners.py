@@ -30,28 +30,3 @@ def average_log_probabilities(probs):
     logits = np.log(np.asarray(probs, dtype=np.float64) + EPS).mean(0)
     p = np.exp(logits - logits.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True)
-
-
-def accuracy(predictions, labels):
-    return float((np.asarray(predictions) == np.asarray(labels)).mean())
-
-
-def confusion_matrix(predictions, labels, num_classes):
-    """(K, K) counts: row = true class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
-    return matrix
-
-
-def per_class_accuracy(matrix):
-    """Recall of every class from a confusion matrix (NaN for a class with no samples)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.diag(matrix) / matrix.sum(1)
-
-
-def class_results(predictions, labels, classes):
-    """Test accuracy, per-class accuracy and confusion matrix of predicted class indices."""
-    matrix = confusion_matrix(predictions, labels, len(classes))
-    return {"test_accuracy": accuracy(predictions, labels),
-            "per_class_accuracy": dict(zip(classes, per_class_accuracy(matrix))),
-            "confusion_matrix": matrix}

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest
 from torch import nn
 
-from ddmpi.coarse.combiners import EPS, accuracy, average_probabilities
+from ddmpi.coarse.combiners import EPS, average_probabilities
 
 COMBINERS = ("cnn_dnn", "average_probabilities", "majority_vote")
 
@@ -120,22 +121,27 @@ def _vote_probabilities(probs):
 
 
 def _scores(p, labels):
-    """Accuracy and mean negative log-likelihood of class probabilities (N, K)."""
+    """Accuracy, mean negative log-likelihood and per-sample correctness of probabilities."""
     labels = np.asarray(labels)
     nll = -np.log(np.maximum(p[np.arange(len(labels)), labels], EPS)).mean()
-    return {"accuracy": accuracy(p.argmax(1), labels), "nll": float(nll)}
+    right = p.argmax(1) == labels
+    return {"accuracy": float(right.mean()), "nll": float(nll), "right": right}
 
 
-def _choose(scores, fallback):
-    """The combiner to use: the coarse model unless a cheap combiner beats it on the holdout."""
+def _choose(scores, fallback, alpha=0.05):
+    """The combiner to use and the evidence: the coarse model, unless the better cheap
+    combiner is right significantly more often on the holdout (one-sided exact sign test on
+    the samples where exactly one of the two is right, p < ``alpha``)."""
     if not fallback:
-        return "cnn_dnn"
-    avg, vote, dnn = (scores[c] for c in ("average_probabilities", "majority_vote", "cnn_dnn"))
-    cheap = "majority_vote" if vote["accuracy"] > avg["accuracy"] else "average_probabilities"
-    best = scores[cheap]["accuracy"]
-    if dnn["accuracy"] > best or (dnn["accuracy"] == best and dnn["nll"] < avg["nll"]):
-        return "cnn_dnn"
-    return cheap
+        return "cnn_dnn", None
+    cheap = max(("average_probabilities", "majority_vote"),
+                key=lambda c: (scores[c]["accuracy"], c == "average_probabilities"))
+    mine, theirs = scores["cnn_dnn"]["right"], scores[cheap]["right"]
+    b, c = int(np.sum(theirs & ~mine)), int(np.sum(~theirs & mine))
+    p = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+    test = {"against": cheap, "cheap_only_right": b, "coarse_only_right": c,
+            "p_value": float(p)}
+    return (cheap if p < alpha else "cnn_dnn"), test
 
 
 def _nll(model, x, y):
@@ -213,8 +219,11 @@ def train_coarse(probs, labels, cfg, *, seed, device="cpu"):
     scores = {"cnn_dnn": _scores(predict_coarse(model, hp, device), hy),
               "average_probabilities": _scores(average_probabilities(hp), hy),
               "majority_vote": _scores(_vote_probabilities(hp), hy)}
-    holdout = {"indices": hold.tolist(), **scores}
-    return CoarseFit(model, history, best_epoch, holdout, _choose(scores, cfg.fallback))
+    chosen, test = _choose(scores, cfg.fallback)
+    holdout = {"indices": hold.tolist(), "fallback_test": test,
+               **{name: {k: v for k, v in sc.items() if k != "right"}
+                  for name, sc in scores.items()}}
+    return CoarseFit(model, history, best_epoch, holdout, chosen)
 
 
 @torch.no_grad()
