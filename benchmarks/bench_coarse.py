@@ -350,6 +350,22 @@ def verdict(rows, datasets):
     return "\n".join(lines)
 
 
+def consistency_line(rows):
+    import subprocess
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head = ""
+    bad = consistency(rows)
+    total = sum(len(r) for r in rows.values())
+    return (f"Coarse models evaluated with the ddmpi of commit {head or '?'} (working tree). "
+            f"The offline chosen[crossfit] equals the runs' own `chosen` on "
+            f"{total - len(bad)} of {total} cells"
+            + (" (the rest: those runs used an older fallback rule, see Discussion)."
+               if bad else "."))
+
+
 def write_results(rows, args, text, summ):
     cmd = "nice -n 5 mpirun -n 2 --oversubscribe python benchmarks/bench_coarse.py --phase train"
     if args.skip:
@@ -387,8 +403,9 @@ python benchmarks/bench_coarse.py --phase evaluate --write # tables, this file
   (the final local CNNs' own training decisions + val) and crossfit (out-of-fold training
   decisions + val). `coarse[T]` is the coarse model itself, `chosen[T]` what a run with
   `train_on: T` uses (the coarse model, or averaging / voting when they beat it on the
-  holdout). All columns of a row share the same local CNNs and test decisions.
-  `chosen[crossfit]` computed offline equals the runs' own reported `chosen` on every cell.
+  holdout, by ddmpi's fallback rule). All columns of a row share the same local CNNs and
+  test decisions.
+- {consistency_line(rows)}
 - "local CNN": mean test accuracy of a single subdomain's CNN.
 """
     skipped = ""
