@@ -39,7 +39,8 @@ class AugmentConfig:
 class DataConfig:
     path: str = ""                      # prepared HDF5 data set (python -m data_prep ...)
     in_memory: Union[bool, Literal["auto"]] = "auto"  # hold a rank's slices in RAM, or stream
-    memory_budget_gb: float = bounded(2.0, 0.0, lo_open=True)  # "auto": in RAM when they fit
+    # per rank: "auto" holds a box's splits in RAM while they fit; streamed blocks fit in it
+    memory_budget_gb: float = bounded(2.0, 0.0, lo_open=True)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -100,8 +101,9 @@ class CoarseConfig:
     batch_size: int = bounded(128, 1)
     lr: float = bounded(3e-3, 0.0, lo_open=True)
     weight_decay: float = bounded(1e-4, 0.0)
-    # which local decisions train it: held-out val, train, both, or cross-fitted train + val
-    train_on: Literal["val", "train", "train+val", "crossfit"] = "val"
+    # which local decisions train it: train + val (the regime study's choice, see
+    # benchmarks/RESULTS-coarse.md), held-out val, train, or cross-fitted train + val
+    train_on: Literal["val", "train", "train+val", "crossfit"] = "train+val"
     folds: int = bounded(4, 2)          # crossfit: K folds of out-of-fold training decisions
     fold_epochs: Optional[int] = bounded(None, 1)  # crossfit: epochs per fold (None: local's)
     inputs: Literal["log", "prob"] = "log"  # log-probabilities or probabilities as input
