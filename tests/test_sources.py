@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from ddmpi.config import ConfigError
 from ddmpi.data import schema
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.reader import load_subdomain, read_box
 from ddmpi.data.schema import DatasetError, DatasetWriter, read_info
-from ddmpi.data.sources import StreamingSource, TensorSource, box_nbytes, open_source, open_splits
+from ddmpi.data.sources import (
+    STREAM_FRACTION,
+    StreamingSource,
+    TensorSource,
+    block_rows_for_budget,
+    box_nbytes,
+    open_source,
+    open_splits,
+)
 
 N_TRAIN, N_VAL = 500, 37
 
@@ -165,12 +174,66 @@ def test_open_splits_share_the_budget(pair):
     info = read_info(f32)
     box = Decomposition((32, 32), (2, 2), 0).slices(0)
     val = box_nbytes(info, "val", box)
-    sources = open_splits(f32, box, memory_budget_gb=(val + 1) / 1024 ** 3)
+    with schema.open_h5(f32) as f:
+        rows = f["train/images"].chunks[0]
+    stream = 4 * rows * 2 * 16 * 16 * 4 / STREAM_FRACTION  # 4 blocks of one chunk row
+    sources = open_splits(f32, box, memory_budget_gb=(val + stream) / 1024 ** 3)
     assert isinstance(sources["val"], TensorSource)
     assert isinstance(sources["train"], StreamingSource)
+    assert sources["train"].block_rows == rows  # streamed in what val left
+    with pytest.raises(ConfigError, match="left after val in memory"):
+        open_splits(f32, box, memory_budget_gb=(val + stream - 1) / 1024 ** 3)
     assert all(isinstance(s, TensorSource) for s in open_splits(f32, box).values())
-    small = open_source(f32, "val", box, memory_budget_gb=(val - 1) / 1024 ** 3)
+    small = open_source(f32, "val", box, memory_budget_gb=(val - 1) / 1024 ** 3, block_rows=1)
     assert isinstance(small, StreamingSource)
+    with pytest.raises(ConfigError, match="data.memory_budget_gb"):  # nor can its blocks fit
+        open_source(f32, "val", box, memory_budget_gb=(val - 1) / 1024 ** 3)
+
+
+@pytest.mark.parametrize("sample_bytes,chunk_rows,budget,sources,prefetch", [
+    (1024, 3858, 0.1 * 1024 ** 3, 3, 2), (1024, 3858, 2 * 1024 ** 3, 3, 2),
+    (648, 63, 10 ** 6, 1, 1), (2592, 7, 3 * 10 ** 7, 6, 4), (1, 1, 8, 1, 2)])
+def test_block_rows_for_budget_fit_the_budget(sample_bytes, chunk_rows, budget, sources,
+                                              prefetch):
+    rows = block_rows_for_budget(sample_bytes, chunk_rows, budget, sources, prefetch)
+    alive = sources * (prefetch + 2)
+    assert rows >= chunk_rows and rows % chunk_rows == 0
+    assert alive * rows * sample_bytes <= STREAM_FRACTION * budget  # all alive blocks fit
+    assert alive * (rows + chunk_rows) * sample_bytes > STREAM_FRACTION * budget  # the most
+
+
+def test_block_rows_for_budget_too_small_a_budget():
+    need = 3 * 4 * 3858 * 1024 / STREAM_FRACTION  # one chunk per alive block of 3 sources
+    assert block_rows_for_budget(1024, 3858, need, 3, 2) == 3858
+    with pytest.raises(ConfigError, match=r"data.memory_budget_gb: .* too small to stream 3 "
+                                          r"source\(s\): 12 blocks .*give at least 0.08"):
+        block_rows_for_budget(1024, 3858, need - 1, 3, 2)
+
+
+def test_open_source_and_open_splits_size_blocks_from_the_budget(pair):
+    f32 = pair[0]
+    info = read_info(f32)
+    with schema.open_h5(f32) as f:
+        chunks = {s: f[s]["images"].chunks[0] for s in ("train", "val")}
+    sample = 2 * 18 * 18 * info.itemsize  # BOX is 18x18
+    budget = 4 * 4 * chunks["train"] * sample / STREAM_FRACTION  # 4 chunks per block, 1 source
+    gb = budget / 1024 ** 3
+    one = open_source(f32, "train", BOX, in_memory=False, memory_budget_gb=gb)
+    assert one.block_rows == block_rows_for_budget(sample, chunks["train"], budget, 1, 2)
+    assert one.block_rows == 4 * chunks["train"] and one.num_blocks > 1
+    for _ in one.batches(one.epoch_order(0, 0), 50):
+        pass
+    assert one.peak_blocks * one.block_nbytes <= STREAM_FRACTION * budget
+    assert open_source(f32, "train", BOX, in_memory=False, memory_budget_gb=gb,
+                       block_rows=1).block_rows == chunks["train"]  # the override wins
+    both = open_splits(f32, BOX, in_memory=False, memory_budget_gb=gb)  # 2 streamed sources
+    for s, src in both.items():
+        assert src.block_rows == block_rows_for_budget(sample, chunks[s], budget, 2, 2)
+    huge = open_source(f32, "train", BOX, in_memory=False, memory_budget_gb=100.0)
+    assert huge.num_blocks == 1 and huge.block_rows == -(-N_TRAIN // chunks["train"]) * chunks[
+        "train"]  # no bigger than the split
+    with pytest.raises(ConfigError, match="data.memory_budget_gb"):
+        open_splits(f32, BOX, in_memory=False, memory_budget_gb=gb / 8)
 
 
 def test_errors(pair):
@@ -215,3 +278,35 @@ def test_pin_without_cuda_is_an_error(pair):
         pytest.skip("CUDA is available: pinning works here")
     with pytest.raises(ValueError, match="pin=True needs CUDA"):
         open_source(pair[0], "val", BOX, pin=True)
+
+
+def test_local_open_sources_share_the_rank_budget(pair, tmp_path):
+    """``ddmpi.strategies.local.open_sources``: the three splits of a box share the rank's
+    budget, divided among the boxes it holds at once (``share``)."""
+    from types import SimpleNamespace
+
+    from ddmpi.config import load_config
+    from ddmpi.strategies.local import open_sources
+
+    _, _, raw, labels = pair
+    f32 = tmp_path / "three.h5"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(schema, "CHUNK_TARGET_BYTES", 2048)
+        with DatasetWriter(f32, name="t", classes=[str(c) for c in range(5)],
+                           converter="tests.test_sources", dtype="float32") as writer:
+            for split, rows in (("train", slice(0, 400)), ("val", slice(400, 450)),
+                                ("test", slice(450, None))):
+                writer.write_split(split, raw[rows], labels[rows])
+    info = read_info(f32)
+    with schema.open_h5(f32) as f:
+        rows = f["train/images"].chunks[0]
+    budget = 2 * 3 * 4 * rows * 2 * 18 * 18 * 4 / STREAM_FRACTION  # 2 boxes, 3 x 4 blocks
+    cfg = load_config(None, [f"data.path={f32}", "data.in_memory=false",
+                             f"data.memory_budget_gb={budget / 1024 ** 3}"])
+    ctx = SimpleNamespace(config=cfg, info=info, device=torch.device("cpu"))
+    sources, augment = open_sources(ctx, BOX, share=2)
+    assert augment is None and sorted(sources) == ["test", "train", "val"]
+    assert sources["train"].block_rows == block_rows_for_budget(
+        2 * 18 * 18 * 4, rows, budget / 2, 3, 2) == rows
+    with pytest.raises(ConfigError, match="4 boxes at once, each with 1/4 of data.memory_budget_gb"):
+        open_sources(ctx, BOX, share=4)

@@ -12,13 +12,35 @@ import threading
 import numpy as np
 import torch
 
+from ddmpi.config import ConfigError
 from ddmpi.data.reader import DEFAULT_BLOCK, _read_rows, as_box, read_box
 from ddmpi.data.schema import SPLITS, DatasetError, open_h5, read_info
 
-__all__ = ["StreamingSource", "TensorSource", "box_nbytes", "open_source", "open_splits",
-           "seeded_generator"]
+__all__ = ["StreamingSource", "TensorSource", "block_rows_for_budget", "box_nbytes",
+           "open_source", "open_splits", "seeded_generator"]
 
-BLOCK_TARGET_BYTES = 16 * 1024 ** 2  # default StreamingSource block: about this many bytes
+BLOCK_TARGET_BYTES = 16 * 1024 ** 2  # StreamingSource block without a budget: about this size
+STREAM_FRACTION = 0.5  # streamed blocks alive at once hold at most this fraction of the budget
+GiB = 1024 ** 3  # the unit of memory_budget_gb
+
+
+def block_rows_for_budget(sample_bytes, chunk_rows, budget_bytes, sources=1, prefetch=2):
+    """Rows per streamed block, a multiple of ``chunk_rows``: the most that lets ``sources``
+    sources of ``prefetch + 2`` blocks each fit ``STREAM_FRACTION`` of ``budget_bytes``.
+
+    Raises :class:`ConfigError` naming ``data.memory_budget_gb`` if one chunk per block does not.
+    """
+    alive = int(sources) * (int(prefetch) + 2)
+    chunk_bytes = int(chunk_rows) * int(sample_bytes)
+    chunks = int(STREAM_FRACTION * budget_bytes // (alive * chunk_bytes))
+    if chunks < 1:
+        need = alive * chunk_bytes / STREAM_FRACTION / GiB
+        raise ConfigError(
+            f"data.memory_budget_gb: {budget_bytes / GiB:.4g} is too small to stream "
+            f"{sources} source(s): {alive} blocks alive of at least one HDF5 chunk "
+            f"({chunk_rows} rows, {chunk_bytes / 2 ** 20:.2f} MiB) must fit "
+            f"{STREAM_FRACTION:.0%} of it; give at least {need:.4g} (or data.in_memory: true)")
+    return chunks * int(chunk_rows)
 
 
 def seeded_generator(seed, epoch):
@@ -151,10 +173,13 @@ class StreamingSource:
 
     A background thread reads the blocks ahead (a queue of ``prefetch`` blocks); at most
     ``prefetch + 2`` blocks are alive at once. Use with :meth:`epoch_order`, whose
-    block-shuffled order reads every block once per epoch.
+    block-shuffled order reads every block once per epoch. Block size: ``block_rows`` (rounded
+    up to whole chunks), else :func:`block_rows_for_budget` of ``memory_budget_gb`` shared by
+    ``sources`` such sources, else about ``BLOCK_TARGET_BYTES``.
     """
 
-    def __init__(self, path, split, box, block_rows=None, prefetch=2):
+    def __init__(self, path, split, box, block_rows=None, prefetch=2, memory_budget_gb=None,
+                 sources=1):
         self.info = read_info(path)
         self.path = self.info.path
         if split not in self.info.splits:
@@ -171,8 +196,12 @@ class StreamingSource:
             chunk_rows = (f[split]["images"].chunks or (1,))[0]
             self.labels = torch.from_numpy(np.asarray(f[split]["labels"][()], dtype=np.int64))
         sample_bytes = int(np.prod(self.sample_shape)) * self.info.itemsize
+        if block_rows is None and memory_budget_gb is not None:
+            block_rows = block_rows_for_budget(sample_bytes, chunk_rows,
+                                               memory_budget_gb * GiB, sources, self.prefetch)
         wanted = block_rows or max(1, BLOCK_TARGET_BYTES // sample_bytes)
-        self.block_rows = max(1, -(-int(wanted) // chunk_rows)) * chunk_rows
+        whole = max(1, -(-self.num_samples // chunk_rows))  # chunks covering the split
+        self.block_rows = min(whole, max(1, -(-int(wanted) // chunk_rows))) * chunk_rows
         self.num_blocks = -(-self.num_samples // self.block_rows)
         self.block_nbytes = self.block_rows * sample_bytes
         self.bytes_read = 0
@@ -391,7 +420,8 @@ def open_source(path, split, box, in_memory="auto", memory_budget_gb=2.0, pin=Fa
     """A :class:`TensorSource` (in memory) or :class:`StreamingSource` of ``box`` of ``split``.
 
     ``"auto"``: in memory when the box's stored bytes of this split fit ``memory_budget_gb``
-    (the budget of this one call; see :func:`open_splits` for several splits).
+    (the budget of this one call; see :func:`open_splits` for several splits). Streamed: blocks
+    sized to the budget (``block_rows`` in ``stream`` overrides).
     """
     if in_memory not in (True, False, "auto"):
         raise ValueError(f"in_memory must be True, False or 'auto', got {in_memory!r}")
@@ -402,7 +432,8 @@ def open_source(path, split, box, in_memory="auto", memory_budget_gb=2.0, pin=Fa
     if in_memory == "auto":
         in_memory = box_nbytes(info, split, box) <= memory_budget_gb * 1024 ** 3
     if not in_memory:
-        return StreamingSource(path, split, box, **stream)
+        return StreamingSource(path, split, box, **{"memory_budget_gb": memory_budget_gb,
+                                                    **stream})
     x, y = read_box(path, split, box)
     return TensorSource(torch.from_numpy(x), torch.from_numpy(y), info.normalization,
                         as_box(box, info.spatial_shape, info.path), pin=pin)
@@ -412,16 +443,29 @@ def open_splits(path, box, splits=None, in_memory="auto", memory_budget_gb=2.0, 
                 **stream):
     """``{split: source}`` for ``splits`` (default: all in the file) sharing one budget.
 
-    ``"auto"``: splits are taken into memory smallest first while their summed stored bytes
-    fit ``memory_budget_gb``; the rest stream.
+    ``box``: one box, or ``{split: box}``. ``"auto"``: splits are taken into memory smallest
+    first while their summed stored bytes fit ``memory_budget_gb``; the rest stream, sharing
+    what is left of it (:func:`block_rows_for_budget`).
     """
+    if in_memory not in (True, False, "auto"):
+        raise ValueError(f"in_memory must be True, False or 'auto', got {in_memory!r}")
     info = read_info(path)
     splits = [s for s in SPLITS if s in info.splits] if splits is None else list(splits)
-    sizes = {s: box_nbytes(info, s, box) for s in splits}
-    left = memory_budget_gb * 1024 ** 3
+    boxes = {s: box[s] if isinstance(box, dict) else box for s in splits}
+    sizes = {s: box_nbytes(info, s, boxes[s]) for s in splits}
+    left = memory_budget_gb * GiB
     decided = {}
     for s in sorted(splits, key=sizes.get):
         fits = in_memory is True or (in_memory == "auto" and sizes[s] <= left)
         decided[s] = bool(fits)
         left -= sizes[s] if fits else 0
-    return {s: open_source(path, s, box, decided[s], pin=pin, **stream) for s in splits}
+    streamed = {**stream, "sources": sum(not d for d in decided.values()) or 1}
+    try:
+        return {s: open_source(path, s, boxes[s], decided[s], left / GiB, pin=pin, **streamed)
+                for s in splits}
+    except ConfigError as err:
+        held = [s for s in splits if decided[s]]
+        if not held:
+            raise
+        raise ConfigError(f"{err}; that is what is left after {', '.join(held)} in memory "
+                          f"({(memory_budget_gb * GiB - left) / 2 ** 20:.1f} MiB)") from None

@@ -93,7 +93,8 @@ class Coherent(Strategy):
         local, coarse = self._models(decomposition, owned)
         self.sources, self.augments = {}, {}
         for s in owned:
-            self.sources[s], self.augments[s] = open_sources(ctx, decomposition.slices(s))
+            self.sources[s], self.augments[s] = open_sources(ctx, decomposition.slices(s),
+                                                             share=len(owned))
         self.joint = {split: Joint({s: self.sources[s][split] for s in owned})
                       for split in SPLITS}
         model = CoherentCNNDNN(local, coarse, self.group, s_total,

@@ -4,11 +4,11 @@ augmentation, kernel rescaling, checkpoints, resume. Used by the CNN-DNN and the
 import numpy as np
 import torch
 
-from ddmpi.config import to_dict
+from ddmpi.config import ConfigError, to_dict
 from ddmpi.data.atomic import atomic_path
 from ddmpi.data.augment import Augmenter
 from ddmpi.data.schema import SPLITS
-from ddmpi.data.sources import open_source
+from ddmpi.data.sources import open_splits
 from ddmpi.data.subset import Subset
 from ddmpi.models.cnn import build_cnn, count_parameters
 from ddmpi.models.flops import training_flops
@@ -30,19 +30,28 @@ def build_kwargs(config, info, input_shape, width=None):
                 batchnorm=m.batchnorm, blocks=m.blocks)
 
 
-def open_sources(ctx, box):
-    """Sources of the three splits for ``box`` and the training augmentation (or None)."""
+def open_sources(ctx, box, share=1):
+    """Sources of the three splits for ``box`` and the training augmentation (or None).
+
+    ``share``: boxes this rank holds at once; each gets that part of ``data.memory_budget_gb``
+    (a per-rank budget), which its splits share (:func:`open_splits`).
+    """
     cfg, info = ctx.config, ctx.info
     aug = Augmenter(cfg.data.augment, tuple(info.spatial_shape), cfg.run.seed)
     window = aug.window(box) if aug.active else box
-    sources = {}
-    for split in SPLITS:
-        src = open_source(info.path, split, window if split == "train" else box,
-                          in_memory=cfg.data.in_memory,
-                          memory_budget_gb=cfg.data.memory_budget_gb / len(SPLITS),
-                          pin=ctx.device.type == "cuda")
-        sources[split] = src.to(ctx.device) if ctx.device.type == "cuda" and hasattr(
-            src, "to") else src
+    try:
+        sources = open_splits(info.path, {s: window if s == "train" else box for s in SPLITS},
+                              SPLITS, in_memory=cfg.data.in_memory,
+                              memory_budget_gb=cfg.data.memory_budget_gb / share,
+                              pin=ctx.device.type == "cuda")
+    except ConfigError as err:
+        if share == 1:
+            raise
+        raise ConfigError(f"{err} (figures per box: this rank holds {share} boxes at once, "
+                          f"each with 1/{share} of data.memory_budget_gb)") from None
+    if ctx.device.type == "cuda":
+        sources = {s: src.to(ctx.device) if hasattr(src, "to") else src
+                   for s, src in sources.items()}
     augment = (lambda x, idx, epoch: aug(x, window, box, idx, epoch)) if aug.active else None
     return sources, augment
 
