@@ -45,7 +45,7 @@ def test_cli_resume_with_a_changed_grid_names_the_field(tmp_path):
     run = _stored_run(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "ddmpi", "train", "--resume", str(run),
                            "--set", "decomposition.grid=[4,4]"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "decomposition.grid" in proc.stderr
 
@@ -88,7 +88,7 @@ def test_predict_refuses_a_malicious_run_checkpoint(tmp_path):
     for sub in range(4):
         _malicious(run / "checkpoints" / f"local_{sub:03d}.pt", marker)
     proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(data)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "local_000.pt: unreadable or unsafe checkpoint, refused" in proc.stderr, proc.stderr
     assert not marker.exists()

@@ -82,12 +82,12 @@ def test_errors_name_the_input(trained, tmp_path):
     run, _, _ = trained
     proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run),
                            str(tmp_path / "missing.png")], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=300)
     assert proc.returncode == 1 and "missing.png: input file not found" in proc.stderr
     odd = tmp_path / "notes.txt"
     odd.write_text("x")
     proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(odd)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "notes.txt: unsupported input type" in proc.stderr
 
 

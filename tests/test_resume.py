@@ -135,7 +135,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     cmd, env = _train(data, tmp_path / "run", "--set", "local.epochs=1")
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=150)
     cmd, env = _train(data, tmp_path / "run", "--set", "local.epochs=2", "--resume")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "config field 'local.epochs'" in proc.stderr
 

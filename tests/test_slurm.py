@@ -430,7 +430,7 @@ def run_sh(tmp_path, python, mpirun, sizes="1 64", *args):
            "DDMPI_MPI_SIZES": sizes}
     env.pop("DDMPI_TEST_PARTS", None)  # every part, whatever the calling shell chose
     return subprocess.run(["bash", str(RUN_SH), *args], env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=300)
 
 
 def test_run_sh_runs_every_part_and_summarises(tmp_path):

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
 __all__ = [
-    "BindingError", "ClusterEnvironment", "OpenMPIEnvironment", "MPICHEnvironment",
-    "PMIxEnvironment", "SlurmEnvironment", "SharedMemoryEnvironment", "ENVIRONMENTS",
+    "BindingError", "ClusterEnvironment", "VariableEnvironment", "OpenMPIEnvironment",
+    "MPICHEnvironment", "PMIxEnvironment", "SlurmEnvironment", "SharedMemoryEnvironment",
+    "ENVIRONMENTS",
     "Binding", "node_local_rank", "select_device", "threads_per_rank", "bind_threads",
     "describe_binding", "bind_process", "slurm_gpus", "visible_gpu_count", "parse_tasks_per_node",
 ]
@@ -147,51 +148,49 @@ class ClusterEnvironment:
                 f"local_rank={self.local_rank()}, local_size={self.local_size()})")
 
 
-class OpenMPIEnvironment(ClusterEnvironment):
+class VariableEnvironment(ClusterEnvironment):
+    """A launcher that publishes the four numbers in variables: each a tuple of names, the
+    first one present wins; ``markers`` are the names that must all be present to apply."""
+
+    rank_vars = size_vars = local_rank_vars = local_size_vars = markers = ()
+
+    @classmethod
+    def applies(cls, environ):
+        return all(_int(environ, *names) is not None for names in cls.markers)
+
+    def world_rank(self):
+        return _int(self.environ, *self.rank_vars)
+
+    def world_size(self):
+        return _int(self.environ, *self.size_vars)
+
+    def local_rank(self):
+        return _int(self.environ, *self.local_rank_vars)
+
+    def local_size(self):
+        return _int(self.environ, *self.local_size_vars)
+
+
+class OpenMPIEnvironment(VariableEnvironment):
     """Open MPI's ``mpirun``/``mpiexec`` (ORTE/PRRTE): ``OMPI_COMM_WORLD_*``."""
 
     name = "openmpi"
-
-    @classmethod
-    def applies(cls, environ):
-        return _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK") is not None
-
-    def world_rank(self):
-        return _int(self.environ, "OMPI_COMM_WORLD_RANK")
-
-    def world_size(self):
-        return _int(self.environ, "OMPI_COMM_WORLD_SIZE")
-
-    def local_rank(self):
-        return _int(self.environ, "OMPI_COMM_WORLD_LOCAL_RANK")
-
-    def local_size(self):
-        return _int(self.environ, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    rank_vars, size_vars = ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",)
+    local_rank_vars = ("OMPI_COMM_WORLD_LOCAL_RANK",)
+    local_size_vars = ("OMPI_COMM_WORLD_LOCAL_SIZE",)
+    markers = (local_rank_vars,)
 
 
-class MPICHEnvironment(ClusterEnvironment):
+class MPICHEnvironment(VariableEnvironment):
     """MPICH / Intel MPI Hydra: ``PMI_RANK``, ``MPI_LOCALRANKID``/``MPI_LOCALNRANKS``."""
 
     name = "mpich"
-
-    @classmethod
-    def applies(cls, environ):
-        return _int(environ, "MPI_LOCALRANKID") is not None
-
-    def world_rank(self):
-        return _int(self.environ, "PMI_RANK")
-
-    def world_size(self):
-        return _int(self.environ, "PMI_SIZE")
-
-    def local_rank(self):
-        return _int(self.environ, "MPI_LOCALRANKID")
-
-    def local_size(self):
-        return _int(self.environ, "MPI_LOCALNRANKS")
+    rank_vars, size_vars = ("PMI_RANK",), ("PMI_SIZE",)
+    local_rank_vars, local_size_vars = ("MPI_LOCALRANKID",), ("MPI_LOCALNRANKS",)
+    markers = (local_rank_vars,)
 
 
-class PMIxEnvironment(ClusterEnvironment):
+class PMIxEnvironment(VariableEnvironment):
     """PMIx launchers where the local rank is published: Cray PALS (PBS ``mpiexec``).
 
     World rank from ``PMIX_RANK`` (else ``PALS_RANKID``/``PMI_RANK``); local rank from
@@ -200,43 +199,20 @@ class PMIxEnvironment(ClusterEnvironment):
     """
 
     name = "pmix"
-
-    @classmethod
-    def applies(cls, environ):
-        has_rank = _int(environ, "PMIX_RANK", "PALS_RANKID") is not None
-        return has_rank and _int(environ, "PALS_LOCAL_RANKID", "PMI_LOCAL_RANK") is not None
-
-    def world_rank(self):
-        return _int(self.environ, "PMIX_RANK", "PALS_RANKID", "PMI_RANK")
-
-    def world_size(self):
-        return _int(self.environ, "PMIX_SIZE", "PALS_SIZE", "PMI_SIZE")
-
-    def local_rank(self):
-        return _int(self.environ, "PALS_LOCAL_RANKID", "PMI_LOCAL_RANK")
-
-    def local_size(self):
-        return _int(self.environ, "PALS_LOCAL_SIZE", "PMI_LOCAL_SIZE")
+    rank_vars = ("PMIX_RANK", "PALS_RANKID", "PMI_RANK")
+    size_vars = ("PMIX_SIZE", "PALS_SIZE", "PMI_SIZE")
+    local_rank_vars = ("PALS_LOCAL_RANKID", "PMI_LOCAL_RANK")
+    local_size_vars = ("PALS_LOCAL_SIZE", "PMI_LOCAL_SIZE")
+    markers = (("PMIX_RANK", "PALS_RANKID"), local_rank_vars)
 
 
-class SlurmEnvironment(ClusterEnvironment):
+class SlurmEnvironment(VariableEnvironment):
     """``srun`` direct launch: ``SLURM_PROCID``, ``SLURM_LOCALID`` and the step's task layout."""
 
     name = "slurm"
-
-    @classmethod
-    def applies(cls, environ):
-        return (_int(environ, "SLURM_PROCID") is not None
-                and _int(environ, "SLURM_LOCALID") is not None)
-
-    def world_rank(self):
-        return _int(self.environ, "SLURM_PROCID")
-
-    def world_size(self):
-        return _int(self.environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
-
-    def local_rank(self):
-        return _int(self.environ, "SLURM_LOCALID")
+    rank_vars, local_rank_vars = ("SLURM_PROCID",), ("SLURM_LOCALID",)
+    size_vars = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+    markers = (rank_vars, local_rank_vars)
 
     def local_size(self):
         for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):

@@ -21,11 +21,9 @@ def local_budget(config, info, decomposition):
     flops = params = 0
     for sub in range(decomposition.num_subdomains):
         kwargs = build_kwargs(config, info, decomposition.subdomain_shape(sub))
-        with torch.device("meta"):
-            model = build_cnn(**kwargs)
+        model = build_cnn(**kwargs)
         params += count_parameters(model)
-        flops += training_flops(build_cnn(**kwargs), kwargs["input_shape"],
-                                kwargs["in_channels"])
+        flops += training_flops(model, kwargs["input_shape"], kwargs["in_channels"])
     return flops, params
 
 
