@@ -48,6 +48,7 @@ def coarse_variants(run_dir, config_path):
     from ddmpi.coarse.dnn import predict_coarse, train_coarse
     from ddmpi.config import load_config
     from ddmpi.data.schema import read_labels
+    from ddmpi.strategies.cnn_dnn import coarse_training_data
 
     config = load_config(run_dir / "config.yaml")
     subs = sorted(run_dir.glob("decisions/local_*.npz"))
@@ -56,10 +57,8 @@ def coarse_variants(run_dir, config_path):
     labels = {split: read_labels(config.data.path, split) for split in probs}
     results = {}
     for train_on in ("train", "val", "train+val"):
-        parts = train_on.split("+")
-        x = np.concatenate([probs[p] for p in parts], axis=1)
-        y = np.concatenate([labels[p] for p in parts])
-        fit = train_coarse(x, y, config.coarse, seed=config.run.seed)
+        x, y, honest = coarse_training_data(train_on, probs, labels)
+        fit = train_coarse(x, y, config.coarse, seed=config.run.seed, honest=honest)
         pred = predict_coarse(fit.model, probs["test"]).argmax(1)
         results[train_on] = (float(np.mean(pred == labels["test"])), fit.chosen)
     return results

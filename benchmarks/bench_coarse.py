@@ -223,8 +223,8 @@ def evaluate_cell(ds, n, grid, seed):
     out = {"averaged": acc(combine("average_probabilities", None, gathered["test"])),
            "vote": acc(combine("majority_vote", None, gathered["test"])), "picked": {}}
     for train_on in COARSE_VARIANTS:
-        x, y = coarse_training_data(train_on, gathered, labels)
-        fit = train_coarse(x, y, CoarseConfig(), seed=seed)  # shipped defaults
+        x, y, honest = coarse_training_data(train_on, gathered, labels)
+        fit = train_coarse(x, y, CoarseConfig(), seed=seed, honest=honest)  # shipped defaults
         out[f"coarse[{train_on}]"] = acc(combine("cnn_dnn", fit.model, gathered["test"]))
         out[f"chosen[{train_on}]"] = acc(combine(fit.chosen, fit.model, gathered["test"]))
         out["picked"][train_on] = fit.chosen

@@ -142,11 +142,41 @@ def test_deterministic_for_a_seed():
 
 def test_training_api_takes_no_test_data():
     params = list(inspect.signature(dnn.train_coarse).parameters)
-    assert params == ["probs", "labels", "cfg", "seed", "device"]
+    assert params == ["probs", "labels", "cfg", "seed", "device", "honest"]
     probs, y = informative_one(50, seed=6)
     fit = dnn.train_coarse(probs, y, CoarseConfig(hidden=[4], epochs=2), seed=0)
     assert set(fit.holdout["indices"]) <= set(range(50))
-    assert set(fit.holdout) == {"indices", "fallback_test", *dnn.COMBINERS}
+    assert set(fit.holdout) == {"indices", "fallback_test", "honest", *dnn.COMBINERS}
+
+
+def test_holdout_is_drawn_from_the_honest_decisions():
+    probs, y = informative_one(300, seed=9)
+    honest = np.arange(300) >= 240          # e.g. train+val: only val is honest
+    fit = dnn.train_coarse(probs, y, CoarseConfig(hidden=[4], epochs=3), seed=0, honest=honest)
+    hold = np.asarray(fit.holdout["indices"])
+    assert (hold >= 240).all() and len(hold) == 12 and fit.holdout["honest"]
+
+
+@pytest.mark.parametrize("honest", [None, np.arange(50) == 49])
+def test_holdout_is_drawn_from_all_without_two_honest_decisions(honest):
+    probs, y = informative_one(50, seed=6)
+    fit = dnn.train_coarse(probs, y, CoarseConfig(hidden=[4], epochs=2), seed=0, honest=honest)
+    assert len(fit.holdout["indices"]) == 10 and not fit.holdout["honest"]
+
+
+@pytest.mark.parametrize("train_on, honest_part", [("train+val", [0, 0, 0, 1, 1]),
+                                                   ("crossfit", [1, 1, 1, 1, 1]),
+                                                   ("val", [1, 1]), ("train", [0, 0, 0])])
+def test_coarse_training_data_marks_decisions_the_local_cnns_did_not_train_on(train_on,
+                                                                              honest_part):
+    from ddmpi.strategies.cnn_dnn import coarse_training_data
+    labels = {"train": np.array([0, 1, 2]), "val": np.array([3, 4])}
+    gathered = {split: np.full((2, len(labels["val" if split == "val" else "train"]), 5),
+                               i, np.float32) for i, split in enumerate(("train", "oof", "val"))}
+    x, y, honest = coarse_training_data(train_on, gathered, labels)
+    assert honest.tolist() == [bool(h) for h in honest_part] and len(y) == x.shape[1]
+    source = {"crossfit": "oof"}.get(train_on, train_on.split("+")[0])
+    assert x[0, 0, 0] == ("train", "oof", "val").index(source)
 
 
 def _scores(dnn_right, avg_right, vote_right):

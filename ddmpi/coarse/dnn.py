@@ -7,7 +7,8 @@ mean of the local probabilities; its argmax can differ from averaged probabiliti
 punish a class less when one subdomain gives it almost no probability). ``skip=False`` gives
 the plain dense network of the CNN-DNN papers. Training holds out a seeded, stratified part of
 the decisions it is given for early stopping and for choosing between the coarse model,
-averaged probabilities and majority vote; it never sees test data.
+averaged probabilities and majority vote, drawn from the decisions the local CNNs did not train
+on (val, out-of-fold) whenever there are any; it never sees test data.
 """
 
 import copy
@@ -110,6 +111,16 @@ def stratified_holdout(labels, fraction, seed):
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def holdout_indices(labels, honest, fraction, seed):
+    """Stratified holdout indices, drawn from the ``honest`` decisions (boolean mask: samples
+    the local CNNs did not train on) when at least two are, else from all."""
+    labels = np.asarray(labels)
+    pool = np.arange(len(labels))
+    if honest is not None and np.count_nonzero(honest) >= 2:
+        pool = np.flatnonzero(honest)
+    return pool[stratified_holdout(labels[pool], fraction, seed)]
+
+
 def _vote_probabilities(probs):
     """Vote shares per class (ties broken as in majority_vote), clipped at EPS and normalised."""
     s, n, k = probs.shape
@@ -197,18 +208,19 @@ def _fit(model, x, y, hold, cfg, seed):
     return history, best_epoch
 
 
-def train_coarse(probs, labels, cfg, *, seed, device="cpu"):
+def train_coarse(probs, labels, cfg, *, seed, device="cpu", honest=None):
     """Train the coarse model on local decisions (S, N, K) and choose the combiner to use.
 
-    ``cfg`` is a :class:`~ddmpi.config.CoarseConfig`; its holdout part drives early stopping
-    and the choice (returned as evidence in ``CoarseFit.holdout``).
+    ``cfg`` is a :class:`~ddmpi.config.CoarseConfig`; its holdout part, drawn from the
+    ``honest`` decisions (mask, see :func:`holdout_indices`), drives early stopping and the
+    choice (returned as evidence in ``CoarseFit.holdout``).
     """
     probs = np.asarray(probs, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     s, n, k = probs.shape
     if labels.shape != (n,):
         raise ValueError(f"labels of shape {labels.shape} do not match {n} decisions")
-    hold = stratified_holdout(labels, cfg.holdout_fraction, seed)
+    hold = holdout_indices(labels, honest, cfg.holdout_fraction, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CoarseNet(s, k, cfg.hidden, cfg.dropout, cfg.inputs, cfg.skip).to(device)
@@ -221,6 +233,7 @@ def train_coarse(probs, labels, cfg, *, seed, device="cpu"):
               "majority_vote": _scores(_vote_probabilities(hp), hy)}
     chosen, test = _choose(scores, cfg.fallback)
     holdout = {"indices": hold.tolist(), "fallback_test": test,
+               "honest": bool(honest is not None and np.all(np.asarray(honest)[hold])),
                **{name: {k: v for k, v in sc.items() if k != "right"}
                   for name, sc in scores.items()}}
     return CoarseFit(model, history, best_epoch, holdout, chosen)

@@ -64,8 +64,9 @@ class CNNDNN(Strategy):
         # "oof" is not a split of the file: its decisions are of the train split's samples
         splits = dict.fromkeys("train" if split == "oof" else split for split in gathered)
         labels = {split: read_labels(ctx.info.path, split) for split in splits}
-        x, y = coarse_training_data(cfg.coarse.train_on, gathered, labels)
-        fit = train_coarse(x, y, cfg.coarse, seed=cfg.run.seed, device=ctx.device)
+        x, y, honest = coarse_training_data(cfg.coarse.train_on, gathered, labels)
+        fit = train_coarse(x, y, cfg.coarse, seed=cfg.run.seed, device=ctx.device,
+                           honest=honest)
         save_checkpoint(coarse_path(ctx.run_dir), {
             "model": fit.model.state_dict(), "model_config": fit.model.config,
             "chosen": fit.chosen, "holdout": fit.holdout, "train_on": cfg.coarse.train_on})
@@ -74,7 +75,9 @@ class CNNDNN(Strategy):
         probs["chosen"] = probs[fit.chosen]
         results = {n: classification_metrics(p, labels["test"], ctx.info.classes)
                    for n, p in probs.items()}
-        ctx.log.info(f"coarse model: best epoch {fit.best_epoch}; holdout accuracy "
+        kind = "held-out" if fit.holdout["honest"] else "training"
+        ctx.log.info(f"coarse model: best epoch {fit.best_epoch}; holdout of "
+                     f"{len(fit.holdout['indices'])} {kind} decisions, accuracy "
                      + ", ".join(f"{n} {fit.holdout[n]['accuracy']:.4f}" for n in COMBINERS)
                      + f"; combiner used: {fit.chosen}")
         params = sum(s["parameters"] for s in summaries.values())
@@ -108,14 +111,14 @@ def coarse_splits(config):
 
 
 def coarse_training_data(train_on, gathered, labels):
-    """Decisions (S, N, K) and labels the coarse model trains on."""
-    if train_on == "crossfit":  # out-of-fold training decisions: honest, and plentiful
-        return (np.concatenate([gathered["oof"], gathered["val"]], axis=1),
-                np.concatenate([labels["train"], labels["val"]]))
-    if train_on == "train+val":
-        return (np.concatenate([gathered["train"], gathered["val"]], axis=1),
-                np.concatenate([labels["train"], labels["val"]]))
-    return gathered[train_on], labels[train_on]
+    """Decisions (S, N, K), labels and the mask of decisions the local CNNs did not train on
+    (validation and out-of-fold: honest estimates of test-time behaviour)."""
+    parts = {"crossfit": (("oof", "train", True), ("val", "val", True)),
+             "train+val": (("train", "train", False), ("val", "val", True)),
+             "train": (("train", "train", False),), "val": (("val", "val", True),)}[train_on]
+    return (np.concatenate([gathered[d] for d, _, _ in parts], axis=1),
+            np.concatenate([labels[split] for _, split, _ in parts]),
+            np.concatenate([np.full(len(labels[split]), ok) for _, split, ok in parts]))
 
 
 def load_decisions(run_dir, sub):
