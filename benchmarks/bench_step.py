@@ -32,14 +32,17 @@ def plain(args, device):
     model, x, y = model_and_data(args, device)
     x = ((x.float() / 255 - 0.5) / 0.25).to(device)
     y = y.to(device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     start = time.perf_counter()
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         order = torch.randperm(len(y), device=device)
         for i in range(0, len(y), args.batch):
             idx = order[i:i + args.batch]
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(model(x[idx]).float(), y[idx])
+                xb = x[idx].contiguous(memory_format=layout)
+                loss = F.cross_entropy(model(xb).float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -82,7 +85,7 @@ def main():
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true",
-                        help="ddmpi's loop with channels_last (run.channels_last) on")
+                        help="both loops with channels_last (ddmpi: run.channels_last)")
     args = parser.parse_args()
     device = torch.device(args.device)
     plain(args, device), ddmpi_loop(args, device)  # warm-up (kernels, allocator)

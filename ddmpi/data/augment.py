@@ -68,6 +68,14 @@ def uniforms(seed, epoch, indices, params):
     return (h >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
 
 
+def _upload(t, device):
+    """``t`` (host) on ``device``; to CUDA through pinned memory without waiting for the copy."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _field(cfg, name, default):
     return default if cfg is None else getattr(cfg, name, default)
 
@@ -151,7 +159,7 @@ class Augmenter:
                   "shifts": (shifts, torch.int64),
                   "brightness": ((2.0 * u[:, -2] - 1.0) * self.brightness, torch.float64),
                   "contrast": (1.0 + (2.0 * u[:, -1] - 1.0) * self.contrast, torch.float64)}
-        return {k: torch.as_tensor(np.ascontiguousarray(v), dtype=dt, device=device)
+        return {k: _upload(torch.as_tensor(np.ascontiguousarray(v), dtype=dt), device)
                 for k, (v, dt) in values.items()}
 
     def _sources(self, a, out_slice, params):

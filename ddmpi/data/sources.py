@@ -118,23 +118,29 @@ class TensorSource:
 
     def take(self, indices):
         """``(x normalised float32, y)`` of ``indices``, on the source's device."""
-        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.x.device)
+        return self._take(torch.as_tensor(indices, dtype=torch.int64).to(self.x.device))
+
+    def _take(self, idx):
         x = self.x.index_select(0, idx)
         if not self.normalized:
             x = self.normalization.apply_torch(x, out=x if x.dtype == torch.float32 else None)
         return x, self._y[idx]
 
     def batches(self, order, batch_size):
-        """``(x, y, idx)`` batches of ``order``; x and y on the source's device, idx on the CPU."""
+        """``(x, y, idx)`` batches of ``order``; x and y on the source's device, idx on the CPU.
+
+        A device-resident source copies ``order`` to the device once per call: a copy per
+        batch would make the host wait for the device at every step.
+        """
         batch_size = _check_batch_size(batch_size)
         order = torch.from_numpy(_as_order(order, len(self)))
         if self.pin:
             yield from self._pinned_batches(order, batch_size)
             return
+        resident = order.to(self.x.device)
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            x, y = self.take(idx)
-            yield x, y, idx
+            x, y = self._take(resident[start:start + batch_size])
+            yield x, y, order[start:start + batch_size]
 
     def _pinned_batches(self, order, batch_size):
         """Batches written into two alternating pinned buffers (index_select(out=...)).

@@ -111,7 +111,7 @@ class Step:
     device: torch.device
     amp: bool = False
     channels_last: bool = False
-    augment: Optional[Callable] = None  # (x, idx, epoch) -> x, training batches only
+    augment: Optional[Callable] = None  # (x, idx on the host, epoch) -> x, training batches
     parallel: Optional[object] = None   # ddmpi.parallel.data_parallel.DataParallel
     hooks: tuple = ()
     compile: bool = False               # torch.compile the network of the training steps
@@ -119,7 +119,7 @@ class Step:
     def inputs(self, x, idx=None, epoch=None):
         x = to_device(x, self.device, self.channels_last)
         if self.augment is not None and epoch is not None:
-            x = self.augment(x, idx.to(self.device), epoch)
+            x = self.augment(x, idx, epoch)
         for hook in self.hooks:
             x = hook.prepare(x)
         return x
@@ -146,7 +146,7 @@ def train_one_epoch(trainer, net, source, order, batch_size, step, poll_stop):
         if step.parallel is not None:
             step.parallel.after_backward(trainer.model)
         trainer.optimizer.step()
-        loss_sum += loss.detach() * len(y)
+        loss_sum.add_(loss.detach(), alpha=len(y))
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         if poll_stop():
@@ -172,8 +172,8 @@ def predict_proba(model, source, step, batch_size=512, indices=None):
     for x, _, _ in source.batches(indices, batch_size):
         with autocast(step.device, step.amp):
             logits = model(step.inputs(x))
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+        out.append(torch.softmax(logits.float(), dim=1))
+    return torch.cat(out).cpu() if out else torch.zeros(0, 0)  # one copy to the host
 
 
 def evaluate(model, source, step, batch_size=512):
