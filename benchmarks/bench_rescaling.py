@@ -411,14 +411,15 @@ def report_markdown(meta, results):
         f"{subset}; VGG depth {a['depth']}, width {a['width']}, dropout {a['dropout']}, "
         f"Adam {a['lr']}, cosine, batch {a['batch_size']}, {a['epochs']} epochs for every "
         f"variant; rescaled: factor {a['factor']}, switch after {a['switch']} low-resolution "
-        f"epochs (the `hooks.Rescaling` switch: new Adam at the current learning rate, cosine "
-        f"over the remaining epochs); seeds {', '.join(map(str, a['seeds']))} (+ subdomain for "
-        f"local CNNs). Local: 2x2 grid, overlap {a['overlap']} px at 28x28 (scaled with the "
-        f"image size). Times are CPU seconds (`time.process_time`) of the single-threaded "
-        f"process, summed over the CNNs of a setting; target = lowest best *validation* "
-        f"accuracy of the variants run in the setting − {a['target_drop']}, per CNN and seed. "
-        f"Test accuracy: the best-by-validation state; local settings combine the four CNNs "
-        f"by averaged probabilities. Figures are mean ± sample std over the seeds."
+        f"epochs (the `hooks.Rescaling` switch: Adam's moments and the one cosine schedule "
+        f"carry on, the stem kernel's moments start afresh); seeds "
+        f"{', '.join(map(str, a['seeds']))} (+ subdomain for local CNNs). Local: 2x2 grid, "
+        f"overlap {a['overlap']} px at 28x28 (scaled with the image size). Times are CPU "
+        f"seconds (`time.process_time`) of the single-threaded process, summed over the CNNs "
+        f"of a setting; target = lowest best *validation* accuracy of the variants run in "
+        f"the setting − {a['target_drop']}, per CNN and seed. Test accuracy: the "
+        f"best-by-validation state; local settings combine the four CNNs by averaged "
+        f"probabilities. Figures are mean ± sample std over the seeds."
         + (f" Variants run: {meta['variants_note']}." if meta.get("variants_note") else ""),
         "",
         "## Headline",

@@ -21,20 +21,23 @@ never fired once returned the low-resolution network).
 import json
 
 import pytest
+import torch
 from conftest import DIGITS_CNN
 from helpers import assert_all, serial_context
 from mpi4py import MPI
 
 from ddmpi.config import load_config
 from ddmpi.data.schema import read_info
+from ddmpi.models.rescaling import KernelRescaling
 from ddmpi.parallel.group import Group
 from ddmpi.parallel.layout import assign_subdomains
 from ddmpi.strategies.base import run
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.local import train_cnn
-from ddmpi.training import preemption
+from ddmpi.training import hooks, preemption
 from ddmpi.training.checkpoint import load_checkpoint
-from ddmpi.training.loop import Preempted, evaluate
+from ddmpi.training.loop import Preempted, Step, Trainer, evaluate, fit
+from ddmpi.training.optim import make_optimizer, make_scheduler
 
 EPOCHS, SWITCH = 3, 2
 OVERRIDES = [f"local.epochs={EPOCHS}", "decomposition.grid=[2, 2]", "decomposition.overlap=1",
@@ -189,3 +192,32 @@ def test_unfired_patience_still_ends_at_full_resolution(digits_sources, tmp_path
     _, accuracy = evaluate(model, digits_sources[1], step)
     assert best_epoch == 3
     assert abs(accuracy - history[-1].val_accuracy) <= 1 / len(digits_sources[1]) + 1e-9
+
+
+def test_switch_continues_the_optimizer_and_the_schedule(digits_sources, tmp_path):
+    """Adam's moments of every parameter the switch keeps, and the schedule's position, carry
+    over; only the stem kernel (new shape) starts afresh."""
+    ctx = serial_context(tmp_path, ["local.model.depth=2", "local.model.width=8",
+                                    "local.scheduler.name=cosine", "local.epochs=6"])
+    rescaler = KernelRescaling(2, switch_epoch=2)
+    model = rescaler.build_low_resolution_model(**DIGITS_CNN)
+    optimizer = make_optimizer(model.parameters(), ctx.config.local.optimizer)
+    trainer = Trainer(model, optimizer, make_scheduler(optimizer, ctx.config.local.scheduler, 6),
+                      6, resolution="1/2")
+    step = Step(torch.device("cpu"), hooks=(hooks.Rescaling(rescaler, ctx.config.local, trainer),))
+    fit(trainer, digits_sources[0], digits_sources[1], step, batch_size=64, seed=0)
+    assert [r.resolution for r in trainer.history] == ["1/2"] * 2 + ["full"] * 4
+    # the learning rates of the six epochs: one cosine over all of them, not restarted
+    reference = torch.optim.SGD([torch.zeros(1)], lr=ctx.config.local.optimizer.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=6)
+    expected = []
+    for _ in range(6):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        cosine.step()
+    assert [r.lr for r in trainer.history] == pytest.approx(expected, rel=1e-12)
+    states = {n: trainer.optimizer.state[p] for n, p in trainer.model.named_parameters()}
+    steps = {n: int(s["step"]) for n, s in states.items() if s}
+    per_epoch = -(-len(digits_sources[0]) // 64)
+    assert steps.pop("stem.conv.weight") == 4 * per_epoch  # afresh at the switch
+    assert set(steps.values()) == {6 * per_epoch}, steps  # kept through it

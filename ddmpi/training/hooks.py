@@ -1,6 +1,8 @@
 """Epoch hooks of :func:`ddmpi.training.loop.fit`: checkpoints, early stopping, progress,
 kernel rescaling."""
 
+import torch
+
 from ddmpi.training.checkpoint import save_checkpoint
 from ddmpi.training.loop import Hook
 from ddmpi.training.optim import make_optimizer, make_scheduler
@@ -68,10 +70,20 @@ class Rescaling(Hook):
         device = next(trainer.model.parameters()).device
         trainer.model = self.rescaler.to_full_resolution(trainer.model).to(device)
         trainer.resolution = "full"
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        trainer.optimizer = make_optimizer(trainer.model.parameters(), self.cfg.optimizer)
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = lr
-        trainer.scheduler = make_scheduler(trainer.optimizer, self.cfg.scheduler,
-                                           trainer.epochs - record.epoch)
+        trainer.optimizer, trainer.scheduler = self._continued(trainer)
         trainer.consider(record, force=True)  # the switch is exact: same validation figures
+
+    def _continued(self, trainer):
+        """Optimizer and schedule of the switched network, carrying on where the old ones
+        were: same learning rate and schedule position, same moments for every parameter
+        the switch kept (all but the stem kernel, whose state starts afresh)."""
+        optimizer = make_optimizer(trainer.model.parameters(), self.cfg.optimizer)
+        optimizer.load_state_dict(trainer.optimizer.state_dict())
+        for p in trainer.model.parameters():
+            state = optimizer.state.get(p, {})
+            if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape
+                   for v in state.values()):
+                del optimizer.state[p]
+        scheduler = make_scheduler(optimizer, self.cfg.scheduler, trainer.epochs)
+        scheduler.load_state_dict(trainer.scheduler.state_dict())
+        return optimizer, scheduler
