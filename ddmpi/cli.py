@@ -48,10 +48,11 @@ def build_parser():
     predict = sub.add_parser(
         "predict", help="classify new images with a trained run",
         description="Predict classes and probabilities of new images (a ddmpi HDF5 file, "
-        "image files or NIfTI volumes) with a trained run directory; serial, or under MPI "
-        "with the subdomains spread over the ranks.")
+        "image files, NIfTI volumes or CIFAR python batch files such as test_batch) with a "
+        "trained run directory; serial, or under MPI with the subdomains spread over the ranks.")
     predict.add_argument("run_dir", help="run directory written by 'ddmpi train'")
-    predict.add_argument("inputs", nargs="+", help="HDF5 data set, image files or NIfTI volumes")
+    predict.add_argument("inputs", nargs="+",
+                         help="HDF5 data set, image files, NIfTI volumes or CIFAR batch files")
     predict.add_argument("--split", default="test", help="split to classify in an HDF5 input")
     predict.add_argument("--combiner", default="chosen",
                          choices=("chosen", "cnn_dnn", "majority_vote", "average_probabilities"),
