@@ -1,4 +1,4 @@
-"""Kernel rescaling in the full decomposed pipeline under MPI (and two serial loop checks).
+"""Kernel rescaling in the full decomposed pipeline under MPI (and three serial loop checks).
 
 A tiny CNN-DNN run (``ddmpi.strategies.base.run(CNNDNN, ...)``) on the real scikit-learn
 digits (8x8), 2x2 grid with overlap 1 (5x5 sub-images, 3x3 in the low-resolution phase), every
@@ -11,11 +11,11 @@ local CNN switching from 1/2 to full resolution after 2 of 3 epochs:
 * a run stopped (preemption) in the middle of a full-resolution epoch and resumed gives exactly
   the metrics of the uninterrupted run (the post-switch checkpoint is rebuilt correctly).
 
-The serial tests (``-m "not mpi"``) pin two properties of ``strategies.local.train_cnn`` (the
-one training loop with the ``Rescaling`` hook) with rescaling: early
-stopping counts from the switch (it once stopped right at the switch, before any full-resolution
-epoch), and the returned network is always the full-resolution one (a patience-only schedule that
-never fired once returned the low-resolution network).
+The serial tests (``-m "not mpi"``) pin three properties of the training loop with the
+``Rescaling`` hook: early stopping counts from the switch (it once stopped right at the switch,
+before any full-resolution epoch), the returned network is always the full-resolution one (a
+patience-only schedule that never fired once returned the low-resolution network), and the
+switch carries the optimizer's moments and the one schedule on (they were once restarted).
 """
 
 import json
