@@ -244,6 +244,62 @@ def test_resident_source_copies_the_order_to_its_device_once(digits_sources, mon
     assert all(idx.device.type == "cpu" for _, _, idx in batches)
 
 
+class _Dispatched(TorchDispatchMode):
+    """Counts the operators that would launch device work (views and detaches excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket not in _NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+_NO_KERNEL = {torch.ops.aten.detach, torch.ops.aten.lift_fresh}
+
+
+def _plain_epoch(train, model, optimizer, batch_size):
+    """The usual PyTorch loop over a resident source: ``loss.item()`` every step."""
+    import torch.nn.functional as F
+
+    order = train.epoch_order(0, 0).to(train.device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        loss = F.cross_entropy(model(train.x[idx]).float(), train._y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+
+def test_step_launches_at_most_five_operators_more_than_a_plain_loop(digits_sources):
+    """The device-side loss and accuracy sums (add, argmax, eq, sum, add) are the only
+    extras: on a GPU, where a small model's step is bound by kernel launches, they bound the
+    loop's overhead (about 2 % of this VGG's step; benchmarks/RESULTS-step.md)."""
+    from conftest import DIGITS_CNN
+
+    from ddmpi.models.cnn import build_cnn
+    from ddmpi.training.loop import Step, Trainer, train_one_epoch
+
+    train = digits_sources[0].to(torch.device("cpu"))
+    counts = {}
+    for loop in ("plain", "ddmpi"):
+        torch.manual_seed(0)
+        model = build_cnn(**DIGITS_CNN)
+        optimizer = torch.optim.Adam(model.parameters())
+        with _Dispatched() as ops:
+            if loop == "plain":
+                _plain_epoch(train, model, optimizer, 16)
+            else:
+                trainer = Trainer(model, optimizer, None, 1)
+                train_one_epoch(trainer, model, train, train.epoch_order(0, 0), 16,
+                                Step(torch.device("cpu")), lambda: False)
+        counts[loop] = ops.count / 75
+    assert counts["ddmpi"] - counts["plain"] <= 5, counts
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA "
                     "notion; the two CPU tests above check the same step")
 def test_cuda_epoch_synchronises_a_bounded_number_of_times(digits_sources):
