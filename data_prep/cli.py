@@ -140,9 +140,9 @@ def _common_options():
     g.add_argument("--out", required=True, type=Path, metavar="FILE.h5",
                    help="the HDF5 file to write (atomically)")
     g.add_argument("--name", help="data set name stored in the file (default: from the source)")
-    g.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
-                   help="fraction of the samples for the validation split (of train, for "
-                        "sources with an official test split), stratified by label")
+    g.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
+                   help="fraction of the samples for the validation split (default 0.1; of "
+                        "train, for sources with an official test split), stratified by label")
     g.add_argument("--test-fraction", type=_fraction, default=None, metavar="F",
                    help="fraction for the test split (default 0.2); not allowed where an "
                         "official test split is kept, unless --fresh-split")
@@ -185,10 +185,15 @@ def _file_sources(p):
 
 
 def _split_options(args):
-    from data_prep.splits import SplitOptions
+    from data_prep.errors import PrepError
+    from data_prep.splits import DEFAULT_VAL_FRACTION, SplitOptions
 
-    return SplitOptions(val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        seed=args.seed, limit=args.limit)
+    if getattr(args, "split_column", None) and args.val_fraction is not None:
+        raise PrepError("--val-fraction does not apply with a split column (its splits are "
+                        "kept as they are)")
+    val = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    return SplitOptions(val_fraction=val, test_fraction=args.test_fraction, seed=args.seed,
+                        limit=args.limit)
 
 
 def _run_mnist(args):

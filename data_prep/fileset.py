@@ -33,9 +33,13 @@ def _parts(records, labels, split_options, groups):
     names = np.asarray([r.split for r in records])
     parts = {s: np.flatnonzero(names == s) for s in SPLITS}
     empty = [s for s, idx in parts.items() if len(idx) == 0]
+    manifest = records[0].origin.split(" line ")[0]
     if empty:  # all rows of a split fell to --limit
-        raise PrepError(f"{records[0].origin.split(' line ')[0]}: split {empty[0]!r} has no "
-                        f"samples left (after --limit)")
+        raise PrepError(f"{manifest}: split {empty[0]!r} has no samples left (after --limit)")
+    untrained = sorted({r.label for r in records} - {records[i].label for i in parts["train"]})
+    if untrained:
+        raise PrepError(f"{manifest}: the split column gives class {untrained[0]!r} no "
+                        f"training samples")
     return parts
 
 
@@ -53,14 +57,17 @@ def convert(out, records, classes, labels, load, *, converter, options, root, sp
         if images is None:
             images = np.empty((len(records),) + array.shape, dtype=dtype)
         elif array.shape != images.shape[1:]:
-            raise PrepError(f"{record.path}: loaded as {array.shape}, but {records[0].path} as "
-                            f"{images.shape[1:]}; give a target size to resample all to one")
+            raise PrepError(f"{record.path}: loaded as {array.shape} (C, D, H, W or C, H, W), "
+                            f"but {records[0].path} as {images.shape[1:]}; resample all to one "
+                            f"shape with --shape X Y Z (NIfTI, x y z order) or --size HxW")
         images[i] = to_stored(array, dtype)
         entries.append(provenance.file_record(record.path, root, label=record.label, **info))
     grouped = records[0].group is not None
     groups = np.asarray([r.group for r in records]) if grouped else None
     parts = _parts(records, labels, split_options, groups)
     options = {**options, **asdict(split_options)}
+    if records[0].split is not None:  # the manifest's splits were kept, no fraction applied
+        options["val_fraction"] = None
     extra = {"manifest": provenance.file_record(manifest, root)} if manifest else {}
     prov = provenance.build(converter, options, entries, root=root, libraries=libraries, **extra)
     return write_dataset(out, name=name, classes=classes, converter=converter, provenance=prov,

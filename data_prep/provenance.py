@@ -1,6 +1,7 @@
 """Provenance of a converted data set: sha256 of every input, the options, library versions."""
 
 import hashlib
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -26,9 +27,9 @@ def file_record(path, root=None, **extra):
         digest, size = sha256_file(path), path.stat().st_size
     except OSError as err:
         raise PrepError(f"{path}: cannot read ({err.strerror or err})") from err
-    shown = path.resolve()
-    if root is not None and shown.is_relative_to(Path(root).resolve()):
-        shown = shown.relative_to(Path(root).resolve())
+    shown = Path(os.path.abspath(path))  # lexical: a symlinked input keeps its name
+    if root is not None and shown.is_relative_to(os.path.abspath(root)):
+        shown = shown.relative_to(os.path.abspath(root))
     return {"path": str(shown), "bytes": size, "sha256": digest, **extra}
 
 
@@ -37,7 +38,7 @@ def build(converter, options, sources, root=None, libraries=(), **extra):
     return {
         "converter": converter,
         "options": options,
-        "source_root": str(Path(root).resolve()) if root is not None else None,
+        "source_root": os.path.abspath(root) if root is not None else None,
         "sources": sources,
         "python": platform.python_version(),
         "libraries": {lib: metadata.version(lib) for lib in ("numpy", "h5py", *libraries)},

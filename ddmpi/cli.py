@@ -22,7 +22,8 @@ def _user_errors():
     from ddmpi.training.checkpoint import CheckpointError
 
     return (CheckpointError, ConfigError, DatasetError, MappingError, RunDirError,
-            TransferError, FileNotFoundError)
+            TransferError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
 
 
 def build_parser():

@@ -49,6 +49,12 @@ def test_usage_error_exits_2(tmp_path, capsys):
     assert "not in [0, 1)" in capsys.readouterr().err
 
 
+def test_out_naming_a_directory_is_an_error_naming_it(tmp_path, capsys):
+    assert main(["digits", "--out", str(tmp_path)]) == 1
+    assert f"a directory, not a file to write: '{tmp_path}'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_digits_quick_start(tmp_path, capsys):
     out = tmp_path / "digits.h5"
     assert main(["digits", "--out", str(out), "--val-fraction", "0.15",

@@ -196,7 +196,12 @@ def test_manifest_split_column_keeps_the_official_splits(tmp_path):
     with h5py.File(out, "r") as f:
         assert list(f["test/ids"].asstr()[()]) == ["4.png", "5.png"]
         np.testing.assert_array_equal(f["val/images"][0, 0], np.full((6, 5), 60, np.uint8))
-    assert json.loads(info.attrs["provenance"])["options"]["split_column"] == "split"
+    options = json.loads(info.attrs["provenance"])["options"]
+    assert options["split_column"] == "split" and options["val_fraction"] is None
+    proc = run_prep("images", "--manifest", csv_path, "--split-column", "split",
+                    "--val-fraction", "0.5", "--out", tmp_path / "v.h5")
+    assert_failed(proc.returncode, proc.stderr,
+                  "--val-fraction does not apply with a split column", tmp_path / "v.h5")
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -207,6 +212,8 @@ def test_manifest_split_column_keeps_the_official_splits(tmp_path):
     ([("a", "p1", "train"), ("a", "p2", "val"), ("a", "p1", "test")],
      r"list.csv line 4: column 'split': group 'p1' \(column 'patient'\) is in split 'test' "
      r"here but in 'train' at .*list.csv line 2"),
+    ([("a", "p1", "train"), ("a", "p2", "val"), ("b", "p3", "test")],
+     r"list.csv: the split column gives class 'b' no training samples"),
 ])
 def test_manifest_split_column_errors(tmp_path, rows, message):
     csv_path = _split_manifest(tmp_path / "m", rows)
@@ -214,3 +221,23 @@ def test_manifest_split_column_errors(tmp_path, rows, message):
         images.convert(tmp_path / "o.h5", manifest=csv_path, split_column="split",
                        group_column="patient")
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_formats_pillow_only_identifies_are_not_images(tmp_path):
+    from ddmpi.data.inputs import is_image
+
+    assert all(is_image(f"x.{ext}") for ext in ("png", "JPG", "tif", "pgm", "bmp", "webp"))
+    assert not any(is_image(f"x.{ext}") for ext in ("h5", "hdf", "grib", "bufr", "wmf", "emf",
+                                                     "eps", "mpg", "txt"))
+
+
+def test_a_grey_palette_image_is_grey(tmp_path):
+    from ddmpi.data.inputs import probe
+
+    grey = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("RGB")
+    grey.quantize(16).save(tmp_path / "grey.png")
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    red.quantize(4).save(tmp_path / "red.png")
+    assert Image.open(tmp_path / "grey.png").mode == "P"
+    assert probe(tmp_path / "grey.png") == ("grey", (8, 8))
+    assert probe(tmp_path / "red.png") == ("rgb", (8, 8))

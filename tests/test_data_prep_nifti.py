@@ -71,7 +71,7 @@ def test_class_folders_mixed_shapes(tmp_path):
             affine = LPS @ np.diag([1 + 0.1 * i, 1, 0.5 + 0.2 * c, 1])
             save(tmp_path / "ct" / name / f"v{i}{suffix}", hu_volume(shapes[(i + c) % 4], i),
                  affine)
-    with pytest.raises(PrepError, match="loaded as .*give a target size"):
+    with pytest.raises(PrepError, match="loaded as .*--shape X Y Z"):
         nifti.convert(tmp_path / "o.h5", src=tmp_path / "ct")
     out = tmp_path / "ct.h5"
     assert main(["nifti", "--src", str(tmp_path / "ct"), "--shape", "12", "10", "4",

@@ -41,14 +41,25 @@ def test_images_and_volumes_follow_the_data_set(tmp_path):
         np.testing.assert_allclose(v, 1.0)
 
 
-def _cifar_batch(path, n=4, labels=True):
+def _cifar_batch(path, n=4, labels=True, protocol=2):
     rng = np.random.default_rng(0)
     batch = {b"batch_label": b"testing batch 1 of 1",
              b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
     if labels:
         batch[b"labels"] = list(range(n))
-    path.write_bytes(pickle.dumps(batch, protocol=2))
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
     return batch[b"data"]
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 4])
+def test_cifar_batches_of_every_pickle_protocol(tmp_path, protocol):
+    data = _cifar_batch(tmp_path / "batch", n=3, protocol=protocol)
+    x, _, labels = load_inputs([tmp_path / "batch"], _info(3, (32, 32)))
+    np.testing.assert_array_equal(x, data.reshape(3, 3, 32, 32).astype(np.float32) / 255)
+    assert labels.tolist() == [0, 1, 2]
+    _cifar_batch(tmp_path / "empty", n=0, protocol=protocol)
+    with pytest.raises(InputError, match="empty: the CIFAR batch holds no images"):
+        load_inputs([tmp_path / "empty"], _info(3, (32, 32)))
 
 
 def test_cifar_test_batch_gives_all_its_samples(tmp_path):

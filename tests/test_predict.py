@@ -112,3 +112,50 @@ def test_nifti_volumes_of_a_3d_run(tmp_path):
     np.testing.assert_allclose(from_files, from_h5[:3], atol=1e-4)
     assert json.loads((tmp_path / "run" / "dataset.json").read_text())["preprocessing"][
         "window"] == [-1000, 400]
+
+
+def _nifti(path, shape=(6, 6, 4)):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random(shape, dtype=np.float32),
+                             np.eye(4)), str(path))
+    return path
+
+
+def test_inputs_of_another_kind_or_other_classes_are_refused(trained, tmp_path):
+    from ddmpi.data.inputs import InputError
+    from ddmpi.data.schema import DatasetWriter
+
+    run, data, _ = trained
+    with pytest.raises(InputError, match=r"vol.nii.gz: a NIfTI volume \(3D\), but the data "
+                       r"set's samples are 1x8x8 \(2D\)"):
+        predict(run, [str(_nifti(tmp_path / "vol.nii.gz"))], SELF)
+    with pytest.raises(InputError, match="digits.h5: an HDF5 data set must be the only input"):
+        predict(run, [str(data), str(data)], SELF)
+    renamed = tmp_path / "renamed.h5"
+    with DatasetWriter(renamed, name="d", classes=[f"c{i}" for i in range(10)],
+                       converter="test") as writer:
+        for split in ("train", "test"):
+            writer.write_split(split, np.zeros((2, 1, 8, 8), np.float32), np.arange(2))
+    with pytest.raises(InputError, match=r"renamed.h5: classes \['c0', .* differ from the "
+                       r"run's \['0', '1'"):
+        predict(run, [str(renamed)], SELF)
+
+
+def test_resized_images_are_reported(trained, tmp_path, caplog):
+    from PIL import Image
+
+    run, _, _ = trained
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(tmp_path / "big.png")
+    probs, _, _ = predict(run, [str(tmp_path / "big.png")], SELF)
+    assert probs.shape == (1, 10)
+    assert "1 input image(s) resized or converted to the data set's 1x8x8" in caplog.text
+    assert "big.png: rgb 28x28" in caplog.text
+
+
+def test_out_naming_a_directory_is_a_one_line_error(trained, tmp_path):
+    run, data, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(data),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"a directory, not a file to write: '{tmp_path}'" in proc.stderr

@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it."""
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,8 @@ def atomic_path(target):
     the previous complete version), so a reader never sees a half-written file.
     """
     target = Path(target)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a directory, not a file to write", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

@@ -6,6 +6,7 @@ are imported on first use.
 """
 
 import json
+import logging
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,23 +15,29 @@ import numpy as np
 
 from ddmpi.data.schema import DatasetError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ALLOWED_GLOBALS", "InputError", "is_cifar_batch", "is_image", "is_nifti",
            "load_image", "load_inputs", "load_pickle", "load_sample", "load_volume", "probe",
            "read_canonical", "read_cifar_batch", "resize"]
 
 MODES = ("grey", "rgb")
 CHANNELS = {"grey": 1, "rgb": 3}
+_MODE = {c: m for m, c in CHANNELS.items()}
 HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit integer images: / 65535
 EXIF_ORIENTATION = 0x0112  # values 5..8 mean the stored image is transposed
+UNDECODED_FORMATS = {"EPS", "MPEG"}  # Pillow reads their headers only (EPS needs Ghostscript)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 CIFAR_SIDE = 32
 ALLOWED_GLOBALS = {  # what numpy arrays in pickles written by numpy 1.x/2.x and Python 2/3 need
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "bytes"), ("__builtin__", "bytes"),  # the buffer of an empty array
 }
-PICKLE_PROTOCOL_MARK = 0x80  # first byte of a pickle of protocol 2 or later
+PICKLED_DICT_STARTS = {0x80, ord("("), ord("}")}  # protocol 2+, 0 (MARK DICT), 1 (EMPTY_DICT)
 
 
 class InputError(DatasetError):
@@ -41,11 +48,15 @@ class InputError(DatasetError):
 # -- images -----------------------------------------------------------------------------------
 
 def is_image(path):
-    """Whether Pillow can open files with this extension."""
-    from PIL import Image
+    """Whether Pillow can decode files with this extension: its stub formats (HDF5, GRIB,
+    BUFR, WMF), vector PostScript and MPEG are identified by Pillow but not decoded."""
+    from PIL import Image, ImageFile
 
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
-    return fmt is not None and fmt in Image.OPEN
+    if fmt is None or fmt not in Image.OPEN or fmt in UNDECODED_FORMATS:
+        return False
+    factory = Image.OPEN[fmt][0]
+    return not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
 
 
 def load_image(path, size=None, mode="grey"):
@@ -91,12 +102,14 @@ def _to_array(img, size, mode):
 
 
 def probe(path):
-    """``(mode, (H, W))`` from the file header alone: ``rgb`` for colour or palette images."""
+    """``(mode, (H, W))`` from the file header alone: ``rgb`` for colour images (palettes
+    with a colour entry included)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            colour = len(img.getbands()) >= 3 or img.mode in ("P", "PA")
+            colour = len(img.getbands()) >= 3 or (img.mode in ("P", "PA")
+                                                   and _palette_has_colour(img))
             width, height = img.size
             if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width
@@ -104,6 +117,11 @@ def probe(path):
         raise InputError(f"{path}: cannot decode the image ({type(err).__name__}: {err})") \
             from err
     return ("rgb" if colour else "grey"), (height, width)
+
+
+def _palette_has_colour(img):
+    palette = img.getpalette("RGB") or []
+    return any(len(set(palette[i:i + 3])) > 1 for i in range(0, len(palette), 3))
 
 
 # -- NIfTI volumes ----------------------------------------------------------------------------
@@ -188,15 +206,16 @@ def load_pickle(path):
 
 
 def is_cifar_batch(path):
-    """Whether ``path`` is neither an image nor a volume and starts like a pickle."""
+    """Whether ``path`` is neither an image nor a volume and starts like a pickled dict."""
     path = Path(path)
-    if is_image(path) or is_nifti(path) or path.suffix.lower() in (".h5", ".hdf5"):
+    if is_image(path) or is_nifti(path) or path.suffix.lower() in H5_SUFFIXES:
         return False
     try:
         with open(path, "rb") as f:
-            return f.read(1) == bytes([PICKLE_PROTOCOL_MARK])
+            start = f.read(1)
     except OSError:
         return False
+    return len(start) == 1 and start[0] in PICKLED_DICT_STARTS
 
 
 def read_cifar_batch(path, label_key="labels", num_classes=10, labels_required=True):
@@ -214,6 +233,8 @@ def read_cifar_batch(path, label_key="labels", num_classes=10, labels_required=T
         raise InputError(f"{path}: 'data' must be an N x {3 * CIFAR_SIDE * CIFAR_SIDE} uint8 "
                          f"array, found {type(data).__name__} {getattr(data, 'dtype', '')} "
                          f"{getattr(data, 'shape', '')}")
+    if len(data) == 0:
+        raise InputError(f"{path}: the CIFAR batch holds no images")
     labels = _cifar_labels(path, batch, label_key, num_classes, len(data))
     names = batch.get("filenames")
     if names is None or len(names) != len(data):
@@ -249,6 +270,10 @@ def load_sample(path, info):
     """One image or NIfTI file as one sample of the data set ``info`` (a
     :class:`~ddmpi.data.schema.DatasetInfo` or a run's dataset.json dict): (C, *shape) float32."""
     channels, shape, window = _describe(info)
+    kind = "a NIfTI volume (3D)" if is_nifti(path) else "an image (2D)"
+    if len(shape) != (3 if is_nifti(path) else 2):
+        raise InputError(f"{path}: {kind}, but the data set's samples are "
+                         f"{channels}x{'x'.join(map(str, shape))} ({len(shape)}D)")
     if is_nifti(path):
         return load_volume(path, shape, window)
     return load_image(path, shape, "grey" if channels == 1 else "rgb")
@@ -260,8 +285,8 @@ def load_inputs(paths, info, split="test"):
     batch all its images; image and NIfTI files one sample each (then labels are None)."""
     channels, shape, _ = _describe(info)
     paths = [Path(p) for p in paths]
-    if len(paths) == 1 and paths[0].suffix.lower() in (".h5", ".hdf5"):
-        x, ids, labels = _load_h5_split(paths[0], split)
+    if len(paths) == 1 and paths[0].suffix.lower() in H5_SUFFIXES:
+        x, ids, labels = _load_h5_split(paths[0], split, _classes(info))
     else:
         x, ids, labels = _load_files(paths, info, channels, shape)
     if x.shape[1:] != (channels,) + shape:
@@ -269,11 +294,20 @@ def load_inputs(paths, info, split="test"):
     return x, ids, labels
 
 
-def _load_h5_split(path, split):
-    """``split`` of a prepared data set, unnormalised in [0, 1], with its ids and labels."""
+def _classes(info):
+    return list(info["classes"] if isinstance(info, Mapping) else info.classes)
+
+
+def _load_h5_split(path, split, classes):
+    """``split`` of a prepared data set, unnormalised in [0, 1], with its ids and labels;
+    its classes must be ``classes`` (labels are indices into them)."""
     from ddmpi.data.schema import open_h5, read_info
 
-    norm = read_info(path).normalization
+    info = read_info(path)
+    if list(info.classes) != classes:
+        raise InputError(f"{path}: classes {list(info.classes)} differ from the run's "
+                         f"{classes}")
+    norm = info.normalization
     with open_h5(path) as f:
         if split not in f:
             raise InputError(f"{path}: no split {split!r}")
@@ -285,14 +319,18 @@ def _load_h5_split(path, split):
 
 
 def _load_files(paths, info, channels, shape):
-    arrays, ids, labels = [], [], []
+    arrays, ids, labels, converted = [], [], [], []
     for path in paths:
         if not path.is_file():
             raise InputError(f"{path}: input file not found")
         if is_nifti(path) or is_image(path):
             arrays.append(load_sample(path, info)[None])
+            if is_image(path) and probe(path) != (_MODE[channels], shape):
+                converted.append(path)
             ids.append(str(path))
             labels.append(None)
+        elif path.suffix.lower() in H5_SUFFIXES:
+            raise InputError(f"{path}: an HDF5 data set must be the only input")
         elif is_cifar_batch(path):
             if (channels, shape) != (3, (CIFAR_SIDE, CIFAR_SIDE)):
                 raise InputError(f"{path}: CIFAR images are 3x32x32, the data set's are "
@@ -306,5 +344,10 @@ def _load_files(paths, info, channels, shape):
                              f"image file, a NIfTI volume or a CIFAR python batch)")
     if not arrays:
         raise InputError("no input files given")
+    if converted:
+        mode, size = probe(converted[0])
+        log.warning("%d input image(s) resized or converted to the data set's %dx%s (%s: %s "
+                    "%dx%d)", len(converted), channels, "x".join(map(str, shape)), converted[0],
+                    mode, *size)
     known = None if any(y is None for y in labels) else np.concatenate(labels)
     return np.concatenate(arrays).astype(np.float32, copy=False), ids, known
