@@ -16,12 +16,13 @@ RESUME_IF_POSSIBLE = "<run.dir>"  # --resume without RUN_DIR: the configured run
 def _user_errors():
     from ddmpi.config import ConfigError
     from ddmpi.data.schema import DatasetError
+    from ddmpi.parallel.cluster import BindingError
     from ddmpi.parallel.layout import MappingError
     from ddmpi.strategies.coherent import TransferError
     from ddmpi.strategies.rundir import RunDirError
     from ddmpi.training.checkpoint import CheckpointError
 
-    return (CheckpointError, ConfigError, DatasetError, MappingError, RunDirError,
+    return (BindingError, CheckpointError, ConfigError, DatasetError, MappingError, RunDirError,
             TransferError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError)
 

@@ -5,12 +5,17 @@ unknown keys, wrong types and values out of bounds are errors naming the dotted 
 """
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional, Union
 
 import yaml
+
+# YAML 1.1 (PyYAML) reads 5e-4 and 1e3 as strings; a float field takes them as numbers
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -56,6 +61,8 @@ class ModelConfig:
     depth: int = bounded(2, 1)          # stages
     width: int = bounded(16, 1)         # channels of the first stage
     blocks: Optional[List[int]] = None  # conv layers (vgg) / residual blocks (resnet) per stage
+    max_width_factor: Optional[int] = bounded(None, 1)  # stage i: width * min(2**i, this)
+    stem: Literal["cifar", "imagenet"] = "cifar"  # resnet: "imagenet" = 7x7/2 conv + max-pool
     dropout: float = bounded(0.0, 0.0, 1.0, hi_open=True)
     batchnorm: bool = True
 
@@ -116,7 +123,7 @@ class CoarseConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/ddmpi"
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_rank: Union[int, Literal["auto"]] = bounded("auto", 1)
     amp: Union[bool, Literal["auto"]] = "auto"  # bf16 autocast: auto = on for CUDA
@@ -281,7 +288,11 @@ def _coerce(tp, value, name):
             raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
     if _matches(tp, value):
-        return float(value) if tp is float else value
+        if tp is not float:
+            return value
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"config field '{name}': {value!r} is not a finite number")
+        return float(value)
     raise ConfigError(f"config field '{name}': expected {_type_name(tp)}, got {value!r}")
 
 
@@ -289,7 +300,8 @@ def _matches(tp, value):
     if isinstance(value, bool):
         return tp is bool
     if tp is float:
-        return isinstance(value, (int, float))
+        return isinstance(value, (int, float)) or (isinstance(value, str)
+                                                   and FLOAT_TEXT.fullmatch(value) is not None)
     return tp in (int, str) and isinstance(value, tp)
 
 
@@ -318,6 +330,11 @@ def _check_relations(config):
     if blocks is not None and (len(blocks) != config.local.model.depth or min(blocks) < 1):
         raise ConfigError(f"config field 'local.model.blocks': {blocks} needs one positive "
                           f"count per stage (local.model.depth = {config.local.model.depth})")
+    model = config.local.model
+    if model.stem == "imagenet" and (model.family != "resnet" or resc.factor > 1):
+        raise ConfigError("config field 'local.model.stem': 'imagenet' is a ResNet stem "
+                          "(local.model.family: resnet) and not rescaled (local.rescaling."
+                          "factor: 1)")
     if any(h < 1 for h in config.coarse.hidden):
         raise ConfigError("config field 'coarse.hidden': layer sizes must be at least 1")
     _check_compare(config.compare)

@@ -39,10 +39,44 @@ def test_defaults_and_overrides():
     ("coarse.folds=1", "coarse.folds"),
     ("coarse.holdout_fraction=1", "coarse.holdout_fraction"),
     ("local.model.blocks=[2, 2, 2]", "local.model.blocks"),
+    ("run.seed=-5", "run.seed"),
+    ("run.seed=18446744073709551615", "run.seed"),
+    ("local.optimizer.lr=.nan", "local.optimizer.lr"),
+    ("local.optimizer.lr=5e-4x", "local.optimizer.lr"),
+    ("local.model.stem=imagenet", "local.model.stem"),
+    ("local.model.max_width_factor=0", "local.model.max_width_factor"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError, match=f"'{field.replace('[', '.').replace(']', '.')}"):
         load_config(None, ["data.path=x.h5", override])
+
+
+def test_exponent_notation_is_a_float(tmp_path):
+    """PyYAML reads 5e-4 as a string (YAML 1.1); a float field takes it as the number."""
+    (tmp_path / "c.yaml").write_text("data: {path: x.h5}\nlocal:\n  optimizer: {lr: 5e-4}\n")
+    config = load_config(tmp_path / "c.yaml", ["coarse.lr=1E-2", "coarse.weight_decay=0"])
+    assert config.local.optimizer.lr == 5e-4 and config.coarse.lr == 0.01
+    with pytest.raises(ConfigError, match="'local.epochs': expected int, got '1e3'"):
+        load_config(tmp_path / "c.yaml", ["local.epochs=1e3"])
+
+
+def test_vgg16_and_the_imagenet_resnet_stem_from_a_config():
+    from types import SimpleNamespace
+
+    from ddmpi.models.cnn import build_cnn
+    from ddmpi.strategies.local import build_kwargs
+
+    info = SimpleNamespace(spatial_dims=2, channels=3, num_classes=1000)
+    vgg = load_config(None, ["data.path=x.h5", "local.model.depth=5", "local.model.width=64",
+                             "local.model.blocks=[2, 2, 3, 3, 3]", "local.model.batchnorm=false",
+                             "local.model.max_width_factor=8"])
+    body = build_cnn(**build_kwargs(vgg, info, (224, 224)))
+    assert sum(p.numel() for m in (body.stem, body.stages) for p in m.parameters()) == 14_714_688
+    resnet = load_config(None, ["data.path=x.h5", "local.model.family=resnet",
+                                "local.model.depth=4", "local.model.width=64",
+                                "local.model.blocks=[2, 2, 2, 2]", "local.model.stem=imagenet"])
+    net = build_cnn(**build_kwargs(resnet, info, (224, 224)))
+    assert sum(p.numel() for p in net.parameters()) == 11_689_512  # torchvision resnet18
 
 
 def test_missing_data_path():

@@ -24,10 +24,12 @@ from ddmpi.training.optim import make_optimizer, make_scheduler
 def build_kwargs(config, info, input_shape, width=None):
     """``build_cnn`` arguments of a CNN of the configured family on ``input_shape``."""
     m = config.local.model
+    stem = {"stem": m.stem} if m.family == "resnet" else {}
     return dict(family=m.family, spatial_dims=info.spatial_dims, in_channels=info.channels,
                 num_classes=info.num_classes, input_shape=tuple(input_shape), depth=m.depth,
                 width=m.width if width is None else width, dropout=m.dropout,
-                batchnorm=m.batchnorm, blocks=m.blocks)
+                batchnorm=m.batchnorm, blocks=m.blocks, max_width_factor=m.max_width_factor,
+                **stem)
 
 
 def open_sources(ctx, box, share=1):
