@@ -11,7 +11,7 @@ from helpers import serial_context
 from ddmpi.strategies.local import train_cnn
 from ddmpi.training import preemption
 from ddmpi.training.checkpoint import load_checkpoint
-from ddmpi.training.loop import Preempted, evaluate, predict_proba
+from ddmpi.training.loop import Diverged, Preempted, evaluate, predict_proba
 
 LOCAL = ["local.model.depth=2", "local.model.width=8", "local.batch_size=64",
          "local.optimizer.lr=0.01"]
@@ -39,6 +39,15 @@ def test_learns_and_keeps_best_state(digits_sources, tmp_path):
     probs = predict_proba(trainer.model, digits_sources[1], step)
     assert probs.shape == (300, 10)
     assert abs(probs.sum(1) - 1).max() < 1e-5
+
+
+def test_a_diverged_epoch_stops_training_naming_the_model(digits_sources, tmp_path):
+    ctx = serial_context(tmp_path, [*LOCAL, "local.epochs=2", "local.optimizer.name=sgd",
+                                    "local.optimizer.lr=1e8"])
+    with pytest.raises(Diverged, match=r"^cnn: training loss is nan in epoch 1 \(learning rate"):
+        train_cnn(ctx, {**DIGITS_CNN, "batchnorm": False}, *digits_sources, None, seed=3,
+                  path=tmp_path / "c.pt", epochs=2, name="cnn")
+    assert load_checkpoint(tmp_path / "c.pt") is None  # the diverged epoch is not saved
 
 
 def test_stop_mid_epoch_then_resume_is_identical(digits_sources, tmp_path, monkeypatch):

@@ -421,3 +421,27 @@ def test_uint8_writer_quantises_and_chunks_by_itemsize(tmp_path):
     np.testing.assert_allclose(back, x, atol=0.5 / 255 + 1e-7)
     with pytest.raises(DatasetError, match="storage dtype 'int8'"):
         DatasetWriter(tmp_path / "n.h5", name="n", classes=["a"], converter="t", dtype="int8")
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_nan_pixels_and_foreign_labels_are_refused(digits_h5, tmp_path, in_memory):
+    """A file written by another tool (or bit rot: HDF5 has no checksum) must not train on
+    NaN pixels or labels outside the classes; the error names the file and the split."""
+    import shutil
+
+    from ddmpi.data.sources import open_source
+
+    box = (slice(0, 8), slice(0, 8))
+    nan, label = tmp_path / "nan.h5", tmp_path / "label.h5"
+    for path in (nan, label):
+        shutil.copy(digits_h5, path)
+    with h5py.File(nan, "r+") as f:
+        f["train/images"][5, 0, 3, 3] = np.nan
+    with h5py.File(label, "r+") as f:
+        f["val/labels"][2] = 12
+    with pytest.raises(DatasetError, match=r"nan.h5: train/images holds NaN or infinite"):
+        source = open_source(nan, "train", box, in_memory=in_memory)
+        source.take(np.arange(len(source)))  # streaming reads on demand
+    with pytest.raises(DatasetError, match=r"label.h5: val/labels holds 12, not a class index "
+                                           r"0..9"):
+        open_source(label, "val", box, in_memory=in_memory)

@@ -132,13 +132,31 @@ def _read_rows(dset, rows, slices, block=DEFAULT_BLOCK, count=None):
 
 def read_box_h5(h5file, split, box, block=DEFAULT_BLOCK, count=None):
     """``(x, y)`` of ``box`` for all samples of ``split`` of an open h5py file: ``x`` in the
-    stored dtype ``(N, C, *box_shape)``, ``y`` int64 ``(N,)``."""
+    stored dtype ``(N, C, *box_shape)``, ``y`` int64 ``(N,)``; both checked."""
     path = getattr(h5file, "filename", "<h5 file>")
     _check_split(h5file, path, split)
     dset = h5file[split]["images"]
     slices = as_box(box, dset.shape[2:], path)
     x = _read_rows(dset, slice(0, dset.shape[0]), slices, block, count)
-    return x, np.asarray(h5file[split]["labels"][()], dtype=np.int64)
+    return check_finite(x, path, split), split_labels(h5file, split, path)
+
+
+def split_labels(h5file, split, path):
+    """The labels (N,) int64 of ``split``; each must index the file's classes."""
+    labels = np.asarray(h5file[split]["labels"][()], dtype=np.int64)
+    k = len(h5file["classes"])
+    outside = labels[(labels < 0) | (labels >= k)]
+    if len(outside):
+        raise DatasetError(f"{path}: {split}/labels holds {outside[0]}, not a class index "
+                           f"0..{k - 1}")
+    return labels
+
+
+def check_finite(x, path, split):
+    """``x``, refused if it holds NaN or infinite values (a float image would poison training)."""
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DatasetError(f"{path}: {split}/images holds NaN or infinite values")
+    return x
 
 
 def read_box(path, split, box, block=DEFAULT_BLOCK, count=None):

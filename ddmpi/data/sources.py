@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from ddmpi.config import ConfigError
-from ddmpi.data.reader import DEFAULT_BLOCK, _read_rows, as_box, read_box
+from ddmpi.data.reader import (
+    DEFAULT_BLOCK,
+    _read_rows,
+    as_box,
+    check_finite,
+    read_box,
+    split_labels,
+)
 from ddmpi.data.schema import SPLITS, DatasetError, open_h5, read_info
 
 __all__ = ["StreamingSource", "TensorSource", "block_rows_for_budget", "box_nbytes",
@@ -200,7 +207,7 @@ class StreamingSource:
         self.num_samples = self.info.splits[split]
         with open_h5(self.path) as f:
             chunk_rows = (f[split]["images"].chunks or (1,))[0]
-            self.labels = torch.from_numpy(np.asarray(f[split]["labels"][()], dtype=np.int64))
+            self.labels = torch.from_numpy(split_labels(f, split, self.path))
         sample_bytes = int(np.prod(self.sample_shape)) * self.info.itemsize
         if block_rows is None and memory_budget_gb is not None:
             block_rows = block_rows_for_budget(sample_bytes, chunk_rows,
@@ -254,7 +261,8 @@ class StreamingSource:
     def read_block(self, b):
         """Block ``b`` of the box in the stored dtype (rows ``b*block_rows`` onwards)."""
         rows = slice(b * self.block_rows, min(self.num_samples, (b + 1) * self.block_rows))
-        return _read_rows(self._dataset(), rows, self.box, DEFAULT_BLOCK, self._count)
+        return check_finite(_read_rows(self._dataset(), rows, self.box, DEFAULT_BLOCK,
+                                       self._count), self.path, self.split)
 
     def epoch_order(self, seed, epoch):
         """Blocks in a seeded random order; rows shuffled within windows of ``prefetch``

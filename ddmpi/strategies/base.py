@@ -22,7 +22,7 @@ from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.schema import SPLITS, read_info
 from ddmpi.parallel import cluster
 from ddmpi.report import output as report
-from ddmpi.strategies.rundir import check_writable, rank_logger
+from ddmpi.strategies.rundir import check_writable, clear_outputs, rank_logger
 from ddmpi.training import preemption
 from ddmpi.training.loop import Preempted, Step
 
@@ -154,11 +154,14 @@ def open_run(config, world, resume=False):
     """Collective: check the run directory, store the configuration, open this rank's log,
     read the data set's header, bind device and threads."""
     run_dir = Path(config.run.dir)
-    error = None
+    error, replaced = None, []
     if world.rank == 0:
         try:
             check_writable(run_dir)
-            if not (resume and (run_dir / "config.yaml").exists()):
+            continuing = resume and (run_dir / "config.yaml").exists()
+            if not continuing and (run_dir / "config.yaml").exists():
+                replaced = clear_outputs(run_dir)
+            if not continuing:
                 write_text(run_dir / "config.yaml", dump(config))
         except (ValueError, OSError) as err:
             error = err
@@ -166,16 +169,30 @@ def open_run(config, world, resume=False):
     if error is not None:
         raise error
     log = rank_logger(run_dir, world.rank, console=world.rank == 0)
+    if replaced:
+        log.warning(f"{run_dir} held an earlier run: its {', '.join(replaced)} were removed "
+                    f"(--resume continues a run instead)")
     info = read_info(config.data.path)
     missing = [s for s in SPLITS if s not in info.splits]
     if missing:
         raise ConfigError(f"config field 'data.path': {info.path} has no {missing[0]!r} split "
                           f"(it has {list(info.splits)})")
+    _check_flips(config, info)
     binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
     log.info(str(binding))
+    if config.run.amp is True and binding.device.type != "cuda":
+        log.warning(f"run.amp: bf16 autocast is for CUDA; {binding.device} trains in float32")
     if world.rank == 0:
         write_text(run_dir / "dataset.json", json.dumps(dataset_record(info), indent=2))
     return RunContext(config, world, run_dir, log, info, binding, resume)
+
+
+def _check_flips(config, info):
+    ndim = info.spatial_dims
+    for a in config.data.augment.flip_axes:
+        if not -ndim <= a < ndim:
+            raise ConfigError(f"config field 'data.augment.flip_axes': {a} is not an axis of "
+                              f"{info.path}'s {ndim}D images (0..{ndim - 1} or negative)")
 
 
 def dataset_record(info):

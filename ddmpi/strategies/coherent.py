@@ -138,7 +138,7 @@ class Coherent(Strategy):
                                    cfg.local.optimizer)
         epochs = cfg.local.epochs if cmp.coherent_epochs is None else cmp.coherent_epochs
         return Trainer(model, optimizer, make_scheduler(optimizer, cfg.local.scheduler, epochs),
-                       epochs)
+                       epochs, name="coherent CNN-DNN")
 
     def _augment(self):
         if all(a is None for a in self.augments.values()):

@@ -73,7 +73,8 @@ def train_cnn(ctx, kwargs, train, val, augment, *, seed, path, epochs, parallel=
              rescaler.build_full_resolution_model(**kwargs)).to(ctx.device)
     optimizer = make_optimizer(model.parameters(), cfg.optimizer)
     trainer = Trainer(model, optimizer, make_scheduler(optimizer, cfg.scheduler, epochs), epochs,
-                      resolution=f"1/{rescaler.factor}" if low else "full")
+                      resolution=f"1/{rescaler.factor}" if low else "full",
+                      name=name or "global CNN")
     if state is not None:
         trainer.load_state_dict(state)
         if progress is not None and writes:

@@ -27,6 +27,26 @@ def decisions_path(run_dir, sub):
     return Path(run_dir) / "decisions" / f"local_{sub:03d}.npz"
 
 
+OUTPUTS = ("checkpoints", "decisions", "scalars", "plots", "metrics.json", "history.json",
+           "test_correct.npz", "dataset.json")  # a run's own files (logs are appended to)
+
+
+def clear_outputs(run_dir):
+    """Remove an earlier run's outputs from ``run_dir`` (a new run there must not leave, say,
+    a 3x3 run's subdomains 4..8 beside its own 4); return the names removed."""
+    removed = []
+    for name in OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 class RunDirError(ValueError):
     """The run directory cannot hold this run (unwritable, full, or holds a different run)."""
 

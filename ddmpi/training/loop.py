@@ -7,6 +7,7 @@ device; the host synchronises once per epoch.
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional
@@ -17,6 +18,10 @@ import torch.nn.functional as F
 
 class Preempted(Exception):
     """Training stopped on request (signal) after writing a resumable checkpoint."""
+
+
+class Diverged(ValueError):
+    """An epoch's training or validation loss is not finite; the message names the model."""
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Trainer:
                                                 "epoch": 0, "state": None})
     stop: bool = False       # set by a hook: end training after this epoch
     resolution: str = "full"  # "1/s" during a kernel-rescaling low-resolution phase
+    name: str = "model"      # for messages: "subdomain 3", "global CNN", ...
 
     def consider(self, record, force=False):
         """Keep the model's state if ``record`` beats the best so far (or ``force``)."""
@@ -218,6 +224,7 @@ def fit(trainer, train, val, step, *, batch_size, seed, should_stop=lambda: Fals
                 hook.interrupted(trainer)
             raise Preempted(f"stopped at epoch {trainer.epoch + 1}, batch {trainer.batch}")
         record = _finish_epoch(trainer, val, step, sums, t0)
+        _check_finite(trainer.name, record)
         for hook in hooks:
             hook.epoch_end(trainer, record)  # the checkpoint hook saves the finished epoch
         if trainer.model is not model_before:
@@ -236,6 +243,14 @@ def _network(model, step):
         model.to(memory_format=torch.channels_last)
     net = step.parallel.wrap(model) if step.parallel is not None else model
     return torch.compile(net) if step.compile else net
+
+
+def _check_finite(name, record):
+    """Stop before a diverged epoch is checkpointed or chosen."""
+    for kind, loss in (("training", record.train_loss), ("validation", record.val_loss)):
+        if not math.isfinite(loss):
+            raise Diverged(f"{name}: {kind} loss is {loss} in epoch {record.epoch} (learning "
+                           f"rate too high, or NaN/inf in the data?)")
 
 
 def _finish_epoch(trainer, val, step, sums, t0):
