@@ -21,10 +21,17 @@ def _user_errors():
     from ddmpi.strategies.coherent import TransferError
     from ddmpi.strategies.rundir import RunDirError
     from ddmpi.training.checkpoint import CheckpointError
+    from ddmpi.training.loop import Diverged
 
-    return (BindingError, CheckpointError, ConfigError, DatasetError, MappingError, RunDirError,
-            TransferError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+    return (BindingError, CheckpointError, ConfigError, DatasetError, Diverged, MappingError,
+            RunDirError, TransferError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError)
+
+
+def _positive_int(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def build_parser():
@@ -77,8 +84,8 @@ def build_parser():
     compare.add_argument("--strategies", metavar="LIST",
                          help="comma-separated subset of global_ddp,cnn_dnn,coherent,"
                          "coherent_transfer (overrides compare.strategies)")
-    compare.add_argument("--seeds", type=int, metavar="N",
-                         help="run every strategy with N seeds (overrides compare.seeds)")
+    compare.add_argument("--seeds", type=_positive_int, metavar="N",
+                         help="run every strategy with N >= 1 seeds (overrides compare.seeds)")
     return parser
 
 

@@ -1,6 +1,7 @@
 """``ddmpi compare`` pieces without MPI: the compare config section, the global width rules
 (compute- and parameter-matched), the strategy list, summarise (mean +- std over seeds, paired
-tests), the comparison table, Markdown and plot, the command line."""
+tests over test images, the transfer's prior CNN-DNN run), the comparison table, Markdown and
+plot, the warm-up, the refused configurations, the command line."""
 
 import json
 from types import SimpleNamespace
@@ -9,13 +10,15 @@ import numpy as np
 import pytest
 
 from ddmpi.cli import build_parser
-from ddmpi.commands.compare import paired_tests, strategies, summarise
+from ddmpi.commands import compare
+from ddmpi.commands.compare import paired_tests, run_compare, strategies, summarise, warm_up
 from ddmpi.config import ConfigError, load_config
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.models.cnn import build_cnn, count_parameters
 from ddmpi.models.flops import training_flops
+from ddmpi.parallel.group import Group
 from ddmpi.report.comparison import format_markdown, format_table, plot_comparison
-from ddmpi.report.stats import classification_metrics
+from ddmpi.report.stats import classification_metrics, sign_flip_test
 from ddmpi.strategies.base import RunResult
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
@@ -153,6 +156,9 @@ def _fake_runs(seeds=2):
         runs.setdefault("coherent", []).append(_result(
             "coherent", {"coherent": 0.75}, 10 * k + 7, parameters=850, flops=1.8e6,
             wall=50.0, rss=210))
+        runs.setdefault("coherent_transfer", []).append(_result(
+            "coherent_transfer", {"coherent_transfer": 0.82}, 10 * k + 8, parameters=850,
+            flops=1.8e6, wall=10.0, rss=210))
     return runs
 
 
@@ -161,7 +167,8 @@ def test_summarise_mean_std_costs_and_paired_tests():
     c = summarise(_config("local.epochs=2", "compare.seeds=2"), 2, runs)
     rows = c["rows"]
     assert list(rows) == ["global_ddp[compute]", "global_ddp[parameters]", "chosen", "cnn_dnn",
-                          "average_probabilities", "majority_vote", "coherent"]
+                          "average_probabilities", "majority_vote", "coherent",
+                          "coherent_transfer"]
     for name, row in rows.items():
         accs = [r.combiners[c_name]["accuracy"] for r in runs[row["run"]]
                 for c_name in [name if row["run"] == "cnn_dnn" else
@@ -179,16 +186,15 @@ def test_summarise_mean_std_costs_and_paired_tests():
 
     assert set(c["paired"]) == {"global_ddp[compute]", "global_ddp[parameters]",
                                 "average_probabilities"}
-    pooled = np.concatenate([r.test_correct["chosen"] for r in runs["cnn_dnn"]])
-    base = np.concatenate([r.test_correct["global_ddp"] for r in runs["global_ddp[compute]"]])
+    mine = np.stack([r.test_correct["chosen"] for r in runs["cnn_dnn"]])
+    base = np.stack([r.test_correct["global_ddp"] for r in runs["global_ddp[compute]"]])
     t = c["paired"]["global_ddp[compute]"]
-    assert t["samples"] == 2 * len(LABELS)
-    assert t["mcnemar"]["b"] == int(np.sum(pooled & ~base))
-    assert t["mcnemar"]["c"] == int(np.sum(~pooled & base))
-    assert t["bootstrap"]["diff"] == pytest.approx(pooled.mean() - base.mean())
+    assert (t["images"], t["seeds"]) == (len(LABELS), 2)
+    assert t["sign_flip_p"] == sign_flip_test(mine, base)
+    assert t["bootstrap"]["diff"] == pytest.approx(mine.mean() - base.mean())
     assert t["bootstrap"]["low"] <= t["bootstrap"]["diff"] <= t["bootstrap"]["high"]
-    assert 0.0 <= t["mcnemar"]["p_value"] <= 1.0
-    assert list(c["curves"]) == ["global_ddp[compute]", "global_ddp[parameters]", "coherent"]
+    assert list(c["curves"]) == ["global_ddp[compute]", "global_ddp[parameters]", "coherent",
+                                 "coherent_transfer"]
     assert [p["elapsed"] for p in c["curves"]["coherent"]] == [2.0, 4.0]
     # time to target: the lowest best validation accuracy of the curves, reached by every one
     target = min(max(p["val_accuracy"] for p in line) for line in c["curves"].values())
@@ -200,11 +206,42 @@ def test_summarise_mean_std_costs_and_paired_tests():
     json.dumps(c, default=float)
 
 
+def test_transfer_is_charged_the_cnn_dnn_run_it_starts_from(tmp_path):
+    """The coherent transfer's wall time, curve and time to target start after the CNN-DNN
+    run whose local CNNs and coarse model it loads: the same seed's, or transfer_from's."""
+    runs = _fake_runs()
+    rows, lines = (summarise(_config("compare.seeds=2"), 2, runs)[k] for k in ("rows", "curves"))
+    assert rows["coherent_transfer"]["wall_seconds"]["values"] == [10.0 + 40.0, 10.0 + 42.0]
+    assert rows["coherent"]["wall_seconds"]["values"] == [50.0, 50.0]
+    assert [p["elapsed"] for p in lines["coherent_transfer"]] == [42.0, 44.0]
+    assert rows["coherent_transfer"]["time_to_target"] >= 42.0
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"wall_seconds": 500.0}))
+    elsewhere = summarise(_config("compare.seeds=2", f"compare.transfer_from={tmp_path}"), 2,
+                          runs)
+    assert elsewhere["rows"]["coherent_transfer"]["wall_seconds"]["values"] == [510.0, 510.0]
+    assert [p["elapsed"] for p in elsewhere["curves"]["coherent_transfer"]] == [502.0, 504.0]
+
+
+def test_paired_tests_take_the_image_as_the_unit():
+    """Repeating one seed's predictions S times adds no evidence: same p-value, same interval
+    (pooling the seeds as independent pairs would shrink both)."""
+    rng = np.random.default_rng(3)
+    mine, theirs = rng.random(200) < 0.8, rng.random(200) < 0.7
+    one = paired_tests({"chosen": [mine], "average_probabilities": [theirs]})
+    three = paired_tests({"chosen": [mine] * 3, "average_probabilities": [theirs] * 3})
+    a, b = one["average_probabilities"], three["average_probabilities"]
+    assert (a["images"], a["seeds"], b["images"], b["seeds"]) == (200, 1, 200, 3)
+    assert b["sign_flip_p"] == pytest.approx(a["sign_flip_p"])
+    assert b["bootstrap"] == pytest.approx(a["bootstrap"])
+    assert 0.0 < a["sign_flip_p"] < 0.05
+
+
 def test_paired_tests_need_the_cnn_dnn_and_skip_absent_baselines():
     assert paired_tests({"global_ddp[compute]": [np.ones(3, bool)]}) == {}
     out = paired_tests({"chosen": [np.array([True, False, True])],
                         "average_probabilities": [np.array([True, True, False])]})
-    assert list(out) == ["average_probabilities"] and out["average_probabilities"]["samples"] == 3
+    assert list(out) == ["average_probabilities"] and out["average_probabilities"]["images"] == 3
 
 
 def test_comparison_table_markdown_and_plot(tmp_path):
@@ -212,8 +249,9 @@ def test_comparison_table_markdown_and_plot(tmp_path):
     table = format_table(c)
     for text in ("global CNN, compute-matched (DDP)", "global CNN, parameter-matched (DDP)",
                  "CNN-DNN (combiner chosen on holdout)", "coherent CNN-DNN", "+-",
-                 "train MFLOP/sample", "peak RSS (MiB)", "parameters", "McNemar p",
-                 "2 seed(s)", "2.0", "1,000", "310"):
+                 "train MFLOP/sample", "peak RSS (MiB)", "parameters", "sign-flip test p",
+                 f"({len(LABELS)} test images x 2 seeds)", "2 seeds, mean +- std",
+                 "2.0", "1,000", "310"):
         assert text in table, text
     acc = c["rows"]["global_ddp[compute]"]["accuracy"]
     assert f"{100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %" in table
@@ -221,12 +259,60 @@ def test_comparison_table_markdown_and_plot(tmp_path):
     markdown = format_markdown(c)
     assert "| global CNN, compute-matched (DDP) |" in markdown
     assert "| coherent CNN-DNN |" in markdown and "Compute-matched" in markdown
+    for text in ("untimed warm-up", "include that run's wall time",
+                 "Time to target is '-' for the CNN-DNN rows", "sign-flip permutation test"):
+        assert text in markdown, text
     plot_comparison(tmp_path / "comparison.png", c)
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
-    one = summarise(_config(), 2, {k: v[:1] for k, v in _fake_runs(1).items()})
+
+def test_one_seed_prints_means_only():
+    one = summarise(_config(), 2, _fake_runs(1))
     assert all(r["accuracy"]["std"] == 0.0 for r in one["rows"].values())
-    assert "1 seed(s)" in format_table(one)
+    table = format_table(one)
+    assert "+-" not in table and "1 seed;" in table and "test images x 1 seed)" in table
+    acc = one["rows"]["global_ddp[compute]"]["accuracy"]["mean"]
+    assert f"{100 * acc:.2f} %" in table
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(compare, "warm_up", lambda config, world: calls.append("warm-up") or 0.0)
+
+    def first_run(cls, config, world):
+        calls.append("run")
+        raise _Stop
+
+    monkeypatch.setattr(compare, "run", first_run)
+    with pytest.raises(_Stop):
+        run_compare(_config(f"run.dir={tmp_path}"), Group.single())
+    assert calls == ["warm-up", "run"]
+
+
+def test_warm_up_binds_and_runs_on_the_data(digits_h5):
+    config = _config(f"data.path={digits_h5}", "run.device=cpu", "run.threads_per_rank=1",
+                     "local.model.width=4")
+    assert warm_up(config, Group.single()) > 0.0
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["local.rescaling.factor=2", "local.rescaling.switch_epoch=1"], "local.rescaling"),
+    (["compare.transfer_from=/nowhere"], "compare.transfer_from")])
+def test_run_compare_refuses_what_it_cannot_compare_fairly(overrides, field):
+    """Raised before any run (and before the world is touched: None here)."""
+    with pytest.raises(ConfigError, match=f"config field '{field}'"):
+        run_compare(_config(*overrides), None)
+
+
+def test_compare_main_passes_every_seed_count_on():
+    args = SimpleNamespace(config=None, set=["data.path=x.h5"], run_dir=None, strategies=None,
+                           seeds=0)
+    with pytest.raises(ConfigError, match=r"compare\.seeds"):
+        compare.main(args, None)
 
 
 def test_cli_compare_subcommand():
@@ -235,3 +321,6 @@ def test_cli_compare_subcommand():
                                       "local.epochs=1"])
     assert (args.command, args.config, args.strategies, args.seeds, args.set) == (
         "compare", "c.yaml", "cnn_dnn,coherent", 3, ["local.epochs=1"])
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["compare", "--config", "c.yaml", "--seeds", bad])

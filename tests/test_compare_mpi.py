@@ -114,12 +114,17 @@ def test_compare_end_to_end(compared):
             "paired": set(written["paired"]) == {"global_ddp[compute]",
                                                  "global_ddp[parameters]",
                                                  "average_probabilities"}
-            and all(t["samples"] == SEEDS * len(comparison_test_labels(root))
+            and all((t["images"], t["seeds"]) == (len(comparison_test_labels(root)), SEEDS)
                     for t in written["paired"].values()),
+            # the transfer is charged the CNN-DNN run of its seed that it starts from
+            "transfer wall": rows["coherent_transfer"]["wall_seconds"]["values"] == [
+                sum(json.loads((root / f"seed{k}" / name / "metrics.json").read_text())
+                    ["wall_seconds"] for name in ("cnn_dnn", "coherent_transfer"))
+                for k in range(SEEDS)],
             "table": all(text in table for text in (
                 "global CNN, compute-matched (DDP)", "global CNN, parameter-matched (DDP)",
                 "coherent CNN-DNN, transfer", "train MFLOP/sample", "peak RSS (MiB)",
-                "parameters", "+-", "McNemar p", f"{SEEDS} seed(s)")),
+                "parameters", "+-", "sign-flip test p", f"{SEEDS} seeds")),
             "table rows": table.count("CNN-DNN vs ") == 3,
             "markdown": "| global CNN, compute-matched (DDP) |" in (
                 root / "comparison.md").read_text(),

@@ -10,10 +10,10 @@ from ddmpi.report.stats import (
     balanced_accuracy,
     classification_metrics,
     majority_class_rate,
-    mcnemar,
     mean_std,
     paired_bootstrap,
     roc_auc,
+    sign_flip_test,
 )
 
 
@@ -108,22 +108,49 @@ def _exact_two_sided(b, c):
     return min(1.0, 2 * tail)
 
 
-@pytest.mark.parametrize("b, c", [(10, 2), (3, 3), (0, 7), (25, 14)])
-def test_mcnemar_exact_p_value(b, c):
-    both, neither = 40, 9
-    a = np.array([True] * b + [False] * c + [True] * both + [False] * neither)
-    other = np.array([False] * b + [True] * c + [True] * both + [False] * neither)
-    perm = np.random.default_rng(b).permutation(len(a))
-    result = mcnemar(a[perm], other[perm])
-    assert (result["b"], result["c"]) == (b, c)
-    assert result["p_value"] == pytest.approx(_exact_two_sided(b, c))
+@pytest.mark.parametrize("b, c", [(10, 2), (3, 3), (0, 7), (25, 14), (0, 0)])
+def test_sign_flip_test_with_one_seed_is_mcnemar(b, c):
+    """One seed: the exact McNemar test; arrays of two lengths are refused."""
+    a = np.array([True] * b + [False] * c + [True] * 30 + [False] * 5)
+    other = np.array([False] * b + [True] * c + [True] * 30 + [False] * 5)
+    assert sign_flip_test(a, other) == pytest.approx(_exact_two_sided(b, c))
+    assert sign_flip_test(a[None], other[None]) == pytest.approx(_exact_two_sided(b, c))
+    with pytest.raises(ValueError, match="one shape"):
+        sign_flip_test([True], [True, False])
 
 
-def test_mcnemar_no_discordant_pairs():
-    same = np.array([True, False, True])
-    assert mcnemar(same, same) == {"b": 0, "c": 0, "p_value": 1.0}
-    with pytest.raises(ValueError):
-        mcnemar([True], [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sign_flip_test_is_exact_over_all_flips(seed):
+    """Against enumerating the 2^N sign flips of the per-image differences (3 seeds, N = 12)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.random((3, 12)) < 0.7, rng.random((3, 12)) < 0.5
+    d = a.sum(0).astype(int) - b.sum(0).astype(int)
+    signs = np.array(np.meshgrid(*[[-1, 1]] * 12)).reshape(12, -1).T
+    expected = np.mean(np.abs(signs @ d) >= abs(d.sum()))
+    assert sign_flip_test(a, b) == pytest.approx(expected)
+
+
+def test_repeated_seeds_add_no_evidence():
+    """S copies of one seed's predictions give that seed's p-value and interval: the image is
+    the unit. Pooling them as S x N independent pairs would shrink both."""
+    rng = np.random.default_rng(5)
+    a, b = rng.random(400) < 0.8, rng.random(400) < 0.72
+    once = (sign_flip_test(a, b), paired_bootstrap(a, b, n_boot=1000))
+    thrice = np.stack([a] * 3), np.stack([b] * 3)
+    assert sign_flip_test(*thrice) == pytest.approx(once[0])
+    assert paired_bootstrap(*thrice, n_boot=1000) == pytest.approx(once[1])
+    pooled = np.concatenate([a] * 3), np.concatenate([b] * 3)
+    assert sign_flip_test(*pooled) < once[0] / 5  # McNemar of the pooled pairs
+    assert once[0] < 0.05
+
+
+def test_paired_bootstrap_resamples_images_with_their_seeds():
+    """Two seeds that disagree on every image cancel per image: the difference is 0 on each
+    image, so every resample of images gives 0 (resampling the S x N pairs would not)."""
+    a = np.array([[True] * 50, [False] * 50])
+    assert paired_bootstrap(a, a[::-1], n_boot=200) == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError, match="one shape"):
+        paired_bootstrap(np.ones((2, 5), bool), np.ones((3, 5), bool))
 
 
 def test_paired_bootstrap():

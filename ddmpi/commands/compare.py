@@ -5,18 +5,24 @@ Runs go to ``RUN_DIR/seed<k>/<strategy>/``; the comparison (table, JSON, plot) t
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ddmpi.config import dump, load_config
+from ddmpi.config import ConfigError, dump, load_config
 from ddmpi.data.atomic import write_text
+from ddmpi.data.schema import open_h5, read_info
+from ddmpi.models.cnn import build_cnn
+from ddmpi.models.flops import training_flops
+from ddmpi.parallel import cluster
 from ddmpi.report import comparison as table
-from ddmpi.report.stats import mcnemar, mean_std, paired_bootstrap
+from ddmpi.report.stats import mean_std, paired_bootstrap, sign_flip_test
 from ddmpi.strategies.base import run
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
 from ddmpi.strategies.global_ddp import global_strategy
+from ddmpi.strategies.local import build_kwargs
 
 # The rows compared with the CNN-DNN in paired tests, when present.
 PAIRED = ("global_ddp[compute]", "global_ddp[parameters]", "average_probabilities")
@@ -34,11 +40,54 @@ def strategies(config):
     return out
 
 
+def check(config):
+    """Refuse what the comparison cannot report fairly (errors name the config field)."""
+    if config.local.rescaling.factor > 1:
+        raise ConfigError("config field 'local.rescaling': ddmpi compare runs the strategies at "
+                          "full resolution; compare rescaling with benchmarks/bench_rescaling.py")
+    source = config.compare.transfer_from
+    if ("coherent_transfer" in config.compare.strategies and source
+            and not (Path(source) / "metrics.json").is_file()):
+        raise ConfigError(f"config field 'compare.transfer_from': {source} has no metrics.json "
+                          f"(the coherent transfer's wall time includes that run's)")
+
+
+def warm_up(config, world):
+    """Untimed, on every rank: pay the process's one-time costs before the first timed run.
+
+    Reads the training split once (page cache), binds threads and device, and runs one
+    forward and backward pass of the configured CNN under the FLOP counter every strategy
+    uses (thread pools, first convolution kernels, the counter's own start-up).
+    """
+    start = time.perf_counter()
+    info = read_info(config.data.path)
+    if "train" in info.splits:  # else the first run names the missing split
+        read_through(info.path, "train")
+    device = cluster.bind_process(world, config.run.device, config.run.threads_per_rank).device
+    model = build_cnn(**build_kwargs(config, info, info.spatial_shape)).to(device)
+    training_flops(model, info.spatial_shape, info.channels)
+    world.barrier()
+    return time.perf_counter() - start
+
+
+def read_through(path, split, block_bytes=64 << 20):
+    """Read a split's images once, block by block, keeping nothing (the page cache keeps them)."""
+    with open_h5(path) as f:
+        images = f[split]["images"]
+        rows = max(1, block_bytes // (images.dtype.itemsize * int(np.prod(images.shape[1:]))))
+        for i in range(0, len(images), rows):
+            images[i:i + rows]
+
+
 def run_compare(config, world):
     """Run every strategy for every seed; the comparison dict on rank 0, None elsewhere."""
+    check(config)
     root = Path(config.run.dir)
     if world.rank == 0:
         write_text(root / "config.yaml", dump(config))
+    seconds = warm_up(config, world)
+    if world.rank == 0:
+        print(f"=== ddmpi compare: untimed warm-up, {seconds:.1f} s", flush=True)
     runs = {}
     for k in range(config.compare.seeds):
         for name, cls in strategies(config):
@@ -76,16 +125,17 @@ def rows_of(name, result):
 def summarise(config, ranks, runs):
     """Mean +- std of every row over the seeds, costs, and the paired tests."""
     rows, correct = {}, {}
+    prior = prior_seconds(config, runs)
     for name, results in runs.items():
         for row in rows_of(name, results[0]):
             per_seed = [rows_of(name, r)[row] for r in results]
             correct[row] = [c for _, c in per_seed]
-            rows[row] = row_summary(row, name, results, [m for m, _ in per_seed])
+            rows[row] = row_summary(row, name, results, [m for m, _ in per_seed], prior[name])
     base = rows.get("global_ddp[compute]")
     for row in rows.values():
         row["time_vs_compute_matched"] = (row["wall_seconds"]["mean"] /
                                           base["wall_seconds"]["mean"] if base else None)
-    lines = curves(runs)
+    lines = curves(runs, prior)
     target = config.compare.target_accuracy or lowest_best(lines)
     for row in rows.values():
         line = lines.get(row["run"])
@@ -97,13 +147,28 @@ def summarise(config, ranks, runs):
             "paired": paired_tests(correct), "curves": lines}
 
 
-def row_summary(row, name, results, metrics):
+def prior_seconds(config, runs):
+    """Per run name, per seed: the seconds of the run it starts from, timed elsewhere. The
+    coherent transfer loads the CNN-DNN run of its seed (or compare.transfer_from's)."""
+    out = {name: [0.0] * len(results) for name, results in runs.items()}
+    if "coherent_transfer" not in runs:
+        return out
+    source = config.compare.transfer_from
+    if source:
+        seconds = json.loads((Path(source) / "metrics.json").read_text())["wall_seconds"]
+        out["coherent_transfer"] = [seconds] * len(runs["coherent_transfer"])
+    else:
+        out["coherent_transfer"] = [r.wall_seconds for r in runs["cnn_dnn"]]
+    return out
+
+
+def row_summary(row, name, results, metrics, prior):
     return {"label": table.LABELS.get(row, row), "run": name,
             "accuracy": mean_std([m["accuracy"] for m in metrics]),
             "balanced_accuracy": mean_std([m["balanced_accuracy"] for m in metrics]),
             "roc_auc": mean_std([m["roc_auc"] for m in metrics]),
             "majority_class_rate": metrics[0]["majority_class_rate"],
-            "wall_seconds": mean_std([r.wall_seconds for r in results]),
+            "wall_seconds": mean_std([r.wall_seconds + p for r, p in zip(results, prior)]),
             "parameters": results[0].parameters,
             "flops_per_sample": results[0].flops_per_sample,
             "peak_rss_mb": max(m["rss"] for m in results[0].peak_memory_mb.values()),
@@ -112,28 +177,30 @@ def row_summary(row, name, results, metrics):
 
 
 def paired_tests(correct):
-    """CNN-DNN (the combiner it chose) against each baseline, pooled over the seeds."""
+    """CNN-DNN (the combiner it chose) against each baseline, the test image as the unit: an
+    image's seeds count once (sign-flip test and bootstrap over images)."""
     if "chosen" not in correct:
         return {}
-    mine = np.concatenate(correct["chosen"])
+    mine = np.stack(correct["chosen"])
     out = {}
     for other in PAIRED:
         if other in correct:
-            theirs = np.concatenate(correct[other])
-            out[other] = {"mcnemar": mcnemar(mine, theirs),
+            theirs = np.stack(correct[other])
+            out[other] = {"sign_flip_p": sign_flip_test(mine, theirs),
                           "bootstrap": paired_bootstrap(mine, theirs),
-                          "samples": int(len(mine))}
+                          "images": mine.shape[1], "seeds": len(mine)}
     return out
 
 
-def curves(runs):
+def curves(runs, prior):
     """Validation accuracy over cumulative training time (first seed) of the strategies that
-    train one global model (the CNN-DNN's local CNNs have no global validation curve)."""
+    train one global model (the CNN-DNN's local CNNs have no global validation curve), after
+    the ``prior`` seconds of the run each starts from."""
     out = {}
     for name, results in runs.items():
         if name != "cnn_dnn":
             history = next(iter(results[0].history.values()))
-            elapsed = np.cumsum([r["seconds"] for r in history]).tolist()
+            elapsed = (prior[name][0] + np.cumsum([r["seconds"] for r in history])).tolist()
             out[name] = [{"elapsed": t, "val_accuracy": r["val_accuracy"]}
                          for t, r in zip(elapsed, history)]
     return out
@@ -159,6 +226,6 @@ def main(args, world):
     if args.strategies:
         names = [s.strip() for s in args.strategies.split(",") if s.strip()]
         overrides.append(f"compare.strategies=[{', '.join(names)}]")
-    if args.seeds:
+    if args.seeds is not None:
         overrides.append(f"compare.seeds={args.seeds}")
     run_compare(load_config(args.config, overrides), world)

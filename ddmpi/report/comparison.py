@@ -12,12 +12,31 @@ LABELS = {
     "coherent": "coherent CNN-DNN",
     "coherent_transfer": "coherent CNN-DNN, transfer",
 }
-COLUMNS = ("strategy", "test acc (mean +- std)", "balanced acc", "ROC AUC", "wall (s)",
+COLUMNS = ("strategy", "test acc", "balanced acc", "ROC AUC", "wall (s)",
            "time / compute-matched", "time to target (s)", "parameters", "train MFLOP/sample",
            "peak RSS (MiB)")
+LEGEND = (
+    "Compute-matched: the global CNN's width gives the same training FLOPs per sample (forward "
+    "+ backward, torch.utils.flop_counter) as all local CNNs together; parameter-matched: the "
+    "same parameter count. Wall time: barrier to barrier, data reading, training, evaluation "
+    "and outputs included, after an untimed warm-up on every rank (training split read once, "
+    "one forward and backward pass), so the first run does not carry the process's start-up "
+    "costs. The coherent CNN-DNN by transfer starts from a finished CNN-DNN run (the same "
+    "seed's, or compare.transfer_from): its wall time and time to target include that run's "
+    "wall time. Time to target is '-' for the CNN-DNN rows: the CNN-DNN's accuracy exists only "
+    "after the coarse stage, so it has no validation curve over training time. The CNN-DNN row "
+    "uses the combiner chosen on a holdout part of the coarse model's training decisions, "
+    "never on the test split. Paired tests take the test image as the unit: per image, the "
+    "CNN-DNN's correctness minus the baseline's, averaged over the seeds; the bootstrap "
+    "resamples images (all seeds of an image together) and the p-value is the exact two-sided "
+    "sign-flip permutation test of these per-image differences (with one seed, the exact "
+    "McNemar test).")
 
 
 def _pm(stat, scale=100, unit=" %"):
+    """'mean +- std', or the one value of a single seed."""
+    if stat["n"] == 1:
+        return f"{scale * stat['mean']:.2f}{unit}"
     return f"{scale * stat['mean']:.2f} +- {scale * stat['std']:.2f}{unit}"
 
 
@@ -35,10 +54,10 @@ def _cells(row):
 def title(c):
     target = c.get("target_accuracy")
     target = "-" if target is None else f"{100 * target:.2f} % validation accuracy"
+    seeds = "1 seed" if c["seeds"] == 1 else f"{c['seeds']} seeds, mean +- std over the seeds"
     return (f"{c['dataset']}: {c['ranks']} ranks, grid {c['decomposition']['grid']} overlap "
-            f"{c['decomposition']['overlap']}, {c['epochs']} epochs, {c['seeds']} seed(s); "
-            f"accuracy on the test split, mean +- std over seeds; target {target} (time to "
-            f"target: first seed's training seconds)")
+            f"{c['decomposition']['overlap']}, {c['epochs']} epochs; accuracy on the test "
+            f"split, {seeds}; target {target} (time to target: first seed's training seconds)")
 
 
 def format_table(c):
@@ -57,11 +76,11 @@ def format_table(c):
 def paired_lines(c):
     out = []
     for other, t in c["paired"].items():
-        b = t["bootstrap"]
+        b, seeds = t["bootstrap"], "1 seed" if t["seeds"] == 1 else f"{t['seeds']} seeds"
         out.append(f"CNN-DNN vs {LABELS.get(other, other)}: accuracy difference "
-                   f"{100 * b['diff']:+.2f} points (95 % bootstrap interval "
-                   f"{100 * b['low']:+.2f} .. {100 * b['high']:+.2f}), McNemar p = "
-                   f"{t['mcnemar']['p_value']:.3g} ({t['samples']} paired test predictions)")
+                   f"{100 * b['diff']:+.2f} points (95 % bootstrap interval over images "
+                   f"{100 * b['low']:+.2f} .. {100 * b['high']:+.2f}), sign-flip test p = "
+                   f"{t['sign_flip_p']:.3g} ({t['images']} test images x {seeds})")
     return out
 
 
@@ -70,12 +89,7 @@ def format_markdown(c):
              "|" + "|".join([" --- "] + [" ---: "] * (len(COLUMNS) - 1)) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in c["rows"].values()]
     lines += [""] + [f"- {line}" for line in paired_lines(c)]
-    lines += ["", "Compute-matched: the global CNN's width gives the same training FLOPs per "
-              "sample (forward + backward, torch.utils.flop_counter) as all local CNNs "
-              "together; parameter-matched: the same parameter count. Wall time: barrier to "
-              "barrier, data reading, training, evaluation and outputs included. The CNN-DNN "
-              "row uses the combiner chosen on a holdout part of the coarse model's training "
-              "decisions, never on the test split.", ""]
+    lines += ["", LEGEND, ""]
     return "\n".join(lines)
 
 

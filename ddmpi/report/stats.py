@@ -9,10 +9,10 @@ __all__ = [
     "balanced_accuracy",
     "classification_metrics",
     "majority_class_rate",
-    "mcnemar",
     "mean_std",
     "paired_bootstrap",
     "roc_auc",
+    "sign_flip_test",
 ]
 
 
@@ -111,36 +111,46 @@ def classification_metrics(probs, labels, classes):
 
 
 def _paired(correct_a, correct_b):
-    a = np.asarray(correct_a, dtype=bool).ravel()
-    b = np.asarray(correct_b, dtype=bool).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"paired arrays differ in length: {a.size} and {b.size}")
+    """Two boolean arrays (S, N), seeds by test images, from arrays (N,) or (S, N)."""
+    a = np.atleast_2d(np.asarray(correct_a, dtype=bool))
+    b = np.atleast_2d(np.asarray(correct_b, dtype=bool))
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"paired arrays must have one shape, (N,) or (seeds, N); got "
+                         f"{np.shape(correct_a)} and {np.shape(correct_b)}")
     return a, b
 
 
-def mcnemar(correct_a, correct_b):
-    """Exact McNemar test of two classifiers on the same samples (boolean 'was right' arrays).
+def sign_flip_test(correct_a, correct_b):
+    """Exact two-sided paired sign-flip (permutation) test over test images.
 
-    Returns b (a right, b wrong), c (a wrong, b right) and the two-sided binomial p-value.
+    ``correct_*``: 'was right' arrays (N,) or (seeds, N). The unit is the image: under the
+    null its difference d_i, summed over the seeds, is as likely -d_i as d_i; the p-value is
+    P(|sum of +-d_i| >= |sum of d_i|) over all sign flips, exact (a convolution of binomials).
+    With one seed this is the exact McNemar test.
     """
     a, b = _paired(correct_a, correct_b)
-    n_b = int(np.sum(a & ~b))
-    n_c = int(np.sum(~a & b))
-    if n_b + n_c == 0:
-        p_value = 1.0
-    else:
-        p_value = float(_scipy_stats.binomtest(n_b, n_b + n_c, 0.5).pvalue)
-    return {"b": n_b, "c": n_c, "p_value": min(1.0, p_value)}
+    d = a.sum(0, dtype=np.int64) - b.sum(0, dtype=np.int64)
+    size = np.abs(d)
+    pmf = np.ones(1)  # of sum(size_i * B_i), B_i fair coins: index = value
+    for m, n in zip(*np.unique(size[size > 0], return_counts=True)):
+        term = np.zeros(m * n + 1)
+        term[::m] = _scipy_stats.binom.pmf(np.arange(n + 1), n, 0.5)
+        pmf = np.convolve(pmf, term)
+    flipped = 2 * np.arange(len(pmf)) - size.sum()  # sum of +-size_i for each index
+    return min(1.0, float(pmf[np.abs(flipped) >= abs(d.sum())].sum()))
 
 
 def paired_bootstrap(correct_a, correct_b, n_boot=2000, seed=0, level=0.95):
-    """Percentile bootstrap CI of accuracy(a) - accuracy(b), resampling the paired samples."""
+    """Percentile bootstrap CI of accuracy(a) - accuracy(b), resampling test images.
+
+    ``correct_*``: arrays (N,) or (seeds, N); an image's seeds are resampled together.
+    """
     a, b = _paired(correct_a, correct_b)
     if a.size == 0:
         raise ValueError("paired_bootstrap needs at least one sample")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    d = a.astype(np.float64) - b.astype(np.float64)
+    d = (a.astype(np.float64) - b.astype(np.float64)).mean(0)
     rng = np.random.default_rng(seed)
     chunk = max(1, 2_000_000 // d.size)  # bound the index array's memory
     diffs = np.empty(n_boot)
