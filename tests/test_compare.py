@@ -14,12 +14,13 @@ from ddmpi.commands import compare
 from ddmpi.commands.compare import paired_tests, run_compare, strategies, summarise, warm_up
 from ddmpi.config import ConfigError, load_config
 from ddmpi.data.decomposition import Decomposition
+from ddmpi.data.schema import read_info
 from ddmpi.models.cnn import build_cnn, count_parameters
 from ddmpi.models.flops import training_flops
 from ddmpi.parallel.group import Group
 from ddmpi.report.comparison import format_markdown, format_table, plot_comparison
 from ddmpi.report.stats import classification_metrics, sign_flip_test
-from ddmpi.strategies.base import RunResult
+from ddmpi.strategies.base import RunResult, decomposition_of
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
 from ddmpi.strategies.global_ddp import GlobalDDP, global_width, local_budget
@@ -68,6 +69,10 @@ def test_strategies_expand_the_global_widths_in_order():
                for w in ("compute", "parameters", 6))
     assert classes["cnn_dnn"] is CNNDNN and classes["coherent"] is Coherent
     assert classes["coherent_transfer"] is CoherentTransfer
+    resolved = dict(strategies(config, {"compute": 7, "parameters": 9, 6: 6}))
+    assert [resolved[f"global_ddp[{w}]"].width for w in ("compute", "parameters", 6)] == [
+        7, 9, 6]
+    assert classes["global_ddp[compute]"].width is None  # resolved by the run itself
     only = strategies(_config("compare.strategies=[coherent, global_ddp]",
                               "compare.global_widths=[parameters]"))
     assert [name for name, _ in only] == ["coherent", "global_ddp[parameters]"]
@@ -282,6 +287,7 @@ class _Stop(Exception):
 def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(compare, "warm_up", lambda config, world: calls.append("warm-up") or 0.0)
+    monkeypatch.setattr(compare, "resolve_widths", lambda config: calls.append("widths") or {})
 
     def first_run(cls, config, world):
         calls.append("run")
@@ -290,13 +296,17 @@ def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
     monkeypatch.setattr(compare, "run", first_run)
     with pytest.raises(_Stop):
         run_compare(_config(f"run.dir={tmp_path}"), Group.single())
-    assert calls == ["warm-up", "run"]
+    assert calls == ["warm-up", "widths", "run"]
 
 
 def test_warm_up_binds_and_runs_on_the_data(digits_h5):
     config = _config(f"data.path={digits_h5}", "run.device=cpu", "run.threads_per_rank=1",
                      "local.model.width=4")
     assert warm_up(config, Group.single()) > 0.0
+    widths = compare.resolve_widths(config)
+    info = read_info(digits_h5)
+    assert widths == {w: global_width(config, info, decomposition_of(config, info), w)
+                      for w in ("compute", "parameters")}
 
 
 @pytest.mark.parametrize("overrides, field", [

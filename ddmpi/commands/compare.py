@@ -18,22 +18,24 @@ from ddmpi.models.flops import training_flops
 from ddmpi.parallel import cluster
 from ddmpi.report import comparison as table
 from ddmpi.report.stats import mean_std, paired_bootstrap, sign_flip_test
-from ddmpi.strategies.base import run
+from ddmpi.strategies.base import decomposition_of, run
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
-from ddmpi.strategies.global_ddp import global_strategy
+from ddmpi.strategies.global_ddp import global_strategy, global_width
 from ddmpi.strategies.local import build_kwargs
 
 # The rows compared with the CNN-DNN in paired tests, when present.
 PAIRED = ("global_ddp[compute]", "global_ddp[parameters]", "average_probabilities")
 
 
-def strategies(config):
-    """``(run name, strategy class)`` in the order they run."""
+def strategies(config, widths=None):
+    """``(run name, strategy class)`` in the order they run; ``widths``: the global widths'
+    rules resolved beforehand (:func:`resolve_widths`), else each run resolves its own."""
     out = []
     for name in config.compare.strategies:
         if name == "global_ddp":
-            out += [(f"global_ddp[{w}]", global_strategy(w)) for w in config.compare.global_widths]
+            out += [(f"global_ddp[{w}]", global_strategy(w, (widths or {}).get(w)))
+                    for w in config.compare.global_widths]
         else:
             out.append((name, {"cnn_dnn": CNNDNN, "coherent": Coherent,
                                "coherent_transfer": CoherentTransfer}[name]))
@@ -70,6 +72,16 @@ def warm_up(config, world):
     return time.perf_counter() - start
 
 
+def resolve_widths(config):
+    """``{rule: width}`` of the global CNNs, found once and untimed (the "compute" rule
+    FLOP-counts a dozen candidate networks, which is no part of training the baseline)."""
+    if "global_ddp" not in config.compare.strategies:
+        return {}
+    info = read_info(config.data.path)
+    decomposition = decomposition_of(config, info)
+    return {w: global_width(config, info, decomposition, w) for w in config.compare.global_widths}
+
+
 def read_through(path, split, block_bytes=64 << 20):
     """Read a split's images once, block by block, keeping nothing (the page cache keeps them)."""
     with open_h5(path) as f:
@@ -86,11 +98,12 @@ def run_compare(config, world):
     if world.rank == 0:
         write_text(root / "config.yaml", dump(config))
     seconds = warm_up(config, world)
+    widths = resolve_widths(config)
     if world.rank == 0:
         print(f"=== ddmpi compare: untimed warm-up, {seconds:.1f} s", flush=True)
     runs = {}
     for k in range(config.compare.seeds):
-        for name, cls in strategies(config):
+        for name, cls in strategies(config, widths):
             sub = copy.deepcopy(config)
             sub.run.seed = config.run.seed + k
             sub.run.dir = str(root / f"seed{k}" / name)

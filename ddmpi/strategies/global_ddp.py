@@ -45,10 +45,12 @@ class GlobalDDP(Strategy):
 
     name = "global_ddp"
     width_rule = "parameters"
+    width = None  # the rule's width when the caller resolved it beforehand
 
     def train(self):
         ctx, info = self.ctx, self.ctx.info
-        width = global_width(ctx.config, info, ctx.decomposition(), self.width_rule)
+        width = self.width or global_width(ctx.config, info, ctx.decomposition(),
+                                           self.width_rule)
         self.kwargs = build_kwargs(ctx.config, info, info.spatial_shape, width)
         box = tuple(slice(0, n) for n in info.spatial_shape)
         self.sources, augment = open_sources(ctx, box)
@@ -83,7 +85,8 @@ class GlobalDDP(Strategy):
                    "best_epoch": self.trainer.best["epoch"], "model": model.config})
 
 
-def global_strategy(rule):
-    """The :class:`GlobalDDP` strategy with width ``rule`` ("compute", "parameters" or int)."""
-    return type(f"GlobalDDP_{rule}", (GlobalDDP,), {"width_rule": rule})
+def global_strategy(rule, width=None):
+    """The :class:`GlobalDDP` strategy with width ``rule`` ("compute", "parameters" or int);
+    ``width``: that rule's width, if already resolved."""
+    return type(f"GlobalDDP_{rule}", (GlobalDDP,), {"width_rule": rule, "width": width})
 
