@@ -325,8 +325,9 @@ def _load_files(paths, info, channels, shape):
             raise InputError(f"{path}: input file not found")
         if is_nifti(path) or is_image(path):
             arrays.append(load_sample(path, info)[None])
-            if is_image(path) and probe(path) != (_MODE[channels], shape):
-                converted.append(path)
+            found = probe(path) if is_image(path) else None
+            if found not in (None, (_MODE[channels], shape)):
+                converted.append((path, found))
             ids.append(str(path))
             labels.append(None)
         elif path.suffix.lower() in H5_SUFFIXES:
@@ -345,9 +346,9 @@ def _load_files(paths, info, channels, shape):
     if not arrays:
         raise InputError("no input files given")
     if converted:
-        mode, size = probe(converted[0])
+        path, (mode, size) = converted[0]
         log.warning("%d input image(s) resized or converted to the data set's %dx%s (%s: %s "
-                    "%dx%d)", len(converted), channels, "x".join(map(str, shape)), converted[0],
-                    mode, *size)
+                    "%dx%d)", len(converted), channels, "x".join(map(str, shape)), path, mode,
+                    *size)
     known = None if any(y is None for y in labels) else np.concatenate(labels)
     return np.concatenate(arrays).astype(np.float32, copy=False), ids, known
