@@ -118,7 +118,7 @@ def plot_comparison(path, c):
                       marker=".", label=name)
     ax_curve.set(xlabel="seconds of training (first seed)", ylabel="validation accuracy (%)",
                  title="validation accuracy over time")
-    if len(c["curves"]) <= 12:
+    if 0 < len(c["curves"]) <= 12:
         ax_curve.legend(fontsize="x-small")
     _save(fig, path)
     plt.close(fig)
