@@ -53,7 +53,8 @@ def build_parser(prog="ddmpi-prep"):
     parser = argparse.ArgumentParser(
         prog=prog, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert an image data set to the ddmpi HDF5 format (train/val/test "
-                    "splits, float32 images in [0, 1], provenance with sha256 of every input).")
+                    "splits, images in [0, 1] stored as float32 or uint8, provenance with "
+                    "sha256 of every input).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
 

@@ -25,7 +25,8 @@ def convert(out, *, size=None, split_options=SplitOptions(), name="digits", dtyp
     test = DEFAULT_TEST_FRACTION if opts.test_fraction is None else opts.test_fraction
     parts = split(labels, opts.val_fraction, test, opts.seed)
     data_file = resources.files("sklearn.datasets") / "data" / "digits.csv.gz"
-    options = {"size": size and list(size), **asdict(opts)}
+    options = {"size": size and list(size), **asdict(opts), "test_fraction": test,
+               "dtype": dtype}
     prov = provenance.build("data_prep.digits", options, [provenance.file_record(data_file)],
                             libraries=("scikit-learn", "Pillow"))
     return write_dataset(out, name=name, classes=[str(d) for d in range(10)],

@@ -75,7 +75,7 @@ def convert(out, *, src, variant="mnist", download_missing=False, fresh_split=Fa
                if (p := _find(src, stem)) is not None]
     options = {"src": str(src), "variant": variant, "download": download_missing,
                "fresh_split": fresh_split, **asdict(split_options),
-               "official_test_kept": len(found) == 2 and not fresh_split}
+               "official_test_kept": len(found) == 2 and not fresh_split, "dtype": dtype}
     prov = provenance.build("data_prep.mnist", options, sources, root=src)
     return write_dataset(out, name=name or variant, classes=spec["classes"],
                          converter="data_prep.mnist", provenance=prov, images=images,

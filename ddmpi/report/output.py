@@ -56,8 +56,8 @@ def plot_training_curves(path, histories):
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for sub, history in sorted(histories.items()):
         epochs = [r["epoch"] for r in history]
-        ax_acc.plot(epochs, [r["val_accuracy"] for r in history], marker=".", label=f"sub {sub}")
-        ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label=f"sub {sub}")
+        ax_acc.plot(epochs, [r["val_accuracy"] for r in history], marker=".", label=str(sub))
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label=str(sub))
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="local CNNs: validation")
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log",
                 title="local CNNs: training loss")
