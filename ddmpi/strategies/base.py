@@ -158,10 +158,9 @@ def open_run(config, world, resume=False):
     if world.rank == 0:
         try:
             check_writable(run_dir)
-            continuing = resume and (run_dir / "config.yaml").exists()
-            if not continuing and (run_dir / "config.yaml").exists():
-                replaced = clear_outputs(run_dir)
-            if not continuing:
+            earlier = (run_dir / "config.yaml").exists()
+            if not (resume and earlier):
+                replaced = clear_outputs(run_dir) if earlier else []
                 write_text(run_dir / "config.yaml", dump(config))
         except (ValueError, OSError) as err:
             error = err
