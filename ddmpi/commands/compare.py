@@ -64,7 +64,7 @@ def warm_up(config, world):
     start = time.perf_counter()
     info = read_info(config.data.path)
     if "train" in info.splits:  # else the first run names the missing split
-        read_through(info.path, "train")
+        read_through(info.path, "train", config.data.memory_budget_gb * 2**30)
     device = cluster.bind_process(world, config.run.device, config.run.threads_per_rank).device
     model = build_cnn(**build_kwargs(config, info, info.spatial_shape)).to(device)
     training_flops(model, info.spatial_shape, info.channels)
@@ -82,10 +82,13 @@ def resolve_widths(config):
     return {w: global_width(config, info, decomposition, w) for w in config.compare.global_widths}
 
 
-def read_through(path, split, block_bytes=64 << 20):
-    """Read a split's images once, block by block, keeping nothing (the page cache keeps them)."""
+def read_through(path, split, budget_bytes, block_bytes=64 << 20):
+    """Read a split's images once, block by block, keeping nothing (the page cache keeps them);
+    not at all when they exceed ``budget_bytes`` (streamed data is read from disk by every run)."""
     with open_h5(path) as f:
         images = f[split]["images"]
+        if images.size * images.dtype.itemsize > budget_bytes:
+            return
         rows = max(1, block_bytes // (images.dtype.itemsize * int(np.prod(images.shape[1:]))))
         for i in range(0, len(images), rows):
             images[i:i + rows]
