@@ -18,6 +18,7 @@ patience-only schedule that never fired once returned the low-resolution network
 switch carries the optimizer's moments and the one schedule on (they were once restarted).
 """
 
+import csv
 import json
 
 import pytest
@@ -45,6 +46,7 @@ OVERRIDES = [f"local.epochs={EPOCHS}", "decomposition.grid=[2, 2]", "decompositi
              "run.threads_per_rank=1", "run.device=cpu", "local.rescaling.factor=2",
              f"local.rescaling.switch_epoch={SWITCH}"]
 RESOLUTIONS = ["1/2"] * SWITCH + ["full"] * (EPOCHS - SWITCH)
+SCALES = [0.5] * SWITCH + [1.0] * (EPOCHS - SWITCH)
 
 
 def _config(data, run_dir):
@@ -65,6 +67,11 @@ def _figures(result):
             result.extra["coarse"]["history"][-1]["train_loss"], result.extra["chosen"])
 
 
+def _csv_column(path, name):
+    with open(path, newline="") as f:
+        return [float(row[name]) for row in csv.DictReader(f)]
+
+
 def _check_run(run):
     """What is wrong with the finished rescaled run in ``run`` ("" if nothing). Never raises:
     an exception on rank 0 alone would leave the other ranks waiting in the collective check."""
@@ -82,6 +89,8 @@ def _check_run(run):
             best = records[local["best_epoch"] - 1]
             checks = {
                 "resolutions 1/2 then full": [r["resolution"] for r in records] == RESOLUTIONS,
+                "CSV scale 0.5 then 1": _csv_column(run / "scalars" / f"subdomain_{sub}.csv",
+                                                    "resolution") == SCALES,
                 "input 5x5": local["input_shape"] == [5, 5],
                 "best epoch at or after the switch": local["best_epoch"] >= SWITCH,
                 # decisions come from the full-resolution network on full-resolution inputs:

@@ -89,12 +89,18 @@ def train_cnn(ctx, kwargs, train, val, augment, *, seed, path, epochs, parallel=
     with ScalarWriter(ctx.run_dir, name.replace(" ", "_") or "global",
                       tensorboard=ctx.config.run.tensorboard and writes) as scalars:
         if writes:
-            epoch_hooks.append(hooks.Report(lambda r: scalars.add(r.epoch, {
-                k: v for k, v in vars(r).items() if k not in ("epoch", "resolution")})))
+            epoch_hooks.append(hooks.Report(lambda r: scalars.add(r.epoch, scalar_row(r))))
         step = ctx.step(augment=augment, parallel=parallel, hooks=tuple(epoch_hooks))
         fit(trainer, train, val, step, batch_size=cfg.batch_size, seed=seed,
             should_stop=preemption.requested)
     return trainer, step
+
+
+def scalar_row(record):
+    """An epoch record as CSV scalars: ``resolution`` as the input's scale (0.5 for "1/2")."""
+    row = {k: v for k, v in vars(record).items() if k not in ("epoch", "resolution")}
+    row["resolution"] = 1.0 / float(record.resolution.partition("/")[2] or 1)
+    return row
 
 
 def train_subdomain(ctx, decomposition, sub, parallel, progress, writes):
