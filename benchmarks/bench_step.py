@@ -15,11 +15,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddmpi.data.schema import Normalization
 from ddmpi.data.sources import TensorSource
 from ddmpi.models.cnn import build_cnn
+from ddmpi.training.dispatch import OperatorCounter
 from ddmpi.training.loop import Step, Trainer, train_one_epoch
 from ddmpi.training.optim import make_optimizer, make_scheduler
 
@@ -75,27 +75,13 @@ def ddmpi_loop(args, device):
     return args.epochs * len(y) / (time.perf_counter() - start)
 
 
-class Launches(TorchDispatchMode):
-    """Counts dispatched operators, views and detaches excluded (they launch nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket not in (torch.ops.aten.detach,
-                                                            torch.ops.aten.lift_fresh):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def launches_per_step(loop, args, device):
     """Operators per step of one epoch of ``loop`` over 20 batches."""
     short = copy.copy(args)
     short.samples, short.epochs = 20 * args.batch, 1
-    with Launches() as ops:
+    with OperatorCounter() as ops:
         loop(short, device)
-    return ops.count / 20
+    return ops.launches / 20
 
 
 def _sync(device):

@@ -13,12 +13,12 @@ import torch
 from conftest import write_digits_h5
 from helpers import assert_all
 from mpi4py import MPI
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddmpi.config import ConfigError, dump, load_config
 from ddmpi.parallel.group import Group
 from ddmpi.training import preemption
 from ddmpi.training.checkpoint import load_checkpoint
+from ddmpi.training.dispatch import OperatorCounter
 from ddmpi.training.loop import Preempted
 
 # ------------------------------------------------ 1. --resume refuses a changed decomposition
@@ -204,26 +204,12 @@ def _augmented_epoch(train, device):
     return sums, -(-len(order) // 16)
 
 
-class _ScalarReads(TorchDispatchMode):
-    """Counts tensor-to-Python-scalar reads (item, bool, float, int): each waits for the
-    device on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_train_one_epoch_reads_no_scalar_per_step(digits_sources):
     """Source, augmentation and loop together: only the epoch's two totals are read."""
-    with _ScalarReads() as reads:
+    with OperatorCounter() as reads:
         sums, batches = _augmented_epoch(digits_sources[0], torch.device("cpu"))
     assert sums["seen"] == len(digits_sources[0]) and batches == 75
-    assert reads.count <= 2, f"{reads.count} scalar reads in {batches} steps"
+    assert reads.scalar_reads <= 2, f"{reads.scalar_reads} scalar reads in {batches} steps"
 
 
 def test_resident_source_copies_the_order_to_its_device_once(digits_sources, monkeypatch):
@@ -242,22 +228,6 @@ def test_resident_source_copies_the_order_to_its_device_once(digits_sources, mon
     assert len(batches) == 75
     assert copies.count(torch.int64) == 1, f"{copies.count(torch.int64)} index copies"
     assert all(idx.device.type == "cpu" for _, _, idx in batches)
-
-
-class _Dispatched(TorchDispatchMode):
-    """Counts the operators that would launch device work (views and detaches excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket not in _NO_KERNEL:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-_NO_KERNEL = {torch.ops.aten.detach, torch.ops.aten.lift_fresh}
 
 
 def _plain_epoch(train, model, optimizer, batch_size):
@@ -289,14 +259,14 @@ def test_step_launches_at_most_five_operators_more_than_a_plain_loop(digits_sour
         torch.manual_seed(0)
         model = build_cnn(**DIGITS_CNN)
         optimizer = torch.optim.Adam(model.parameters())
-        with _Dispatched() as ops:
+        with OperatorCounter() as ops:
             if loop == "plain":
                 _plain_epoch(train, model, optimizer, 16)
             else:
                 trainer = Trainer(model, optimizer, None, 1)
                 train_one_epoch(trainer, model, train, train.epoch_order(0, 0), 16,
                                 Step(torch.device("cpu")), lambda: False)
-        counts[loop] = ops.count / 75
+        counts[loop] = ops.launches / 75
     assert counts["ddmpi"] - counts["plain"] <= 5, counts
 
 
