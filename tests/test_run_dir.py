@@ -42,8 +42,9 @@ def test_resume_keeps_the_earlier_runs_outputs(digits_h5, tmp_path):
 
 
 def test_flip_axes_must_be_axes_of_the_data(digits_h5, tmp_path):
-    with pytest.raises(ConfigError, match=r"'data.augment.flip_axes': 2 is not an axis of "
-                                          r".*digits.h5's 2D images \(0..1 or negative\)"):
+    with pytest.raises(ConfigError, match=r"'data.augment': augment.flip_axes entry 2 is not a "
+                                          r"spatial axis of a 2D image \(0..1 or negative\); "
+                                          r"data: .*digits.h5"):
         open_run(_config(digits_h5, tmp_path / "run", "data.augment.flip_axes=[-1, 2]"), SELF)
 
 

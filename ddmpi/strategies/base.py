@@ -18,6 +18,7 @@ import torch
 
 from ddmpi.config import ConfigError, dump, to_dict
 from ddmpi.data.atomic import write_text
+from ddmpi.data.augment import Augmenter
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.schema import SPLITS, read_info
 from ddmpi.parallel import cluster
@@ -176,7 +177,7 @@ def open_run(config, world, resume=False):
     if missing:
         raise ConfigError(f"config field 'data.path': {info.path} has no {missing[0]!r} split "
                           f"(it has {list(info.splits)})")
-    _check_flips(config, info)
+    _check_augment(config, info)
     binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
     log.info(str(binding))
     if config.run.amp is True and binding.device.type != "cuda":
@@ -186,12 +187,12 @@ def open_run(config, world, resume=False):
     return RunContext(config, world, run_dir, log, info, binding, resume)
 
 
-def _check_flips(config, info):
-    ndim = info.spatial_dims
-    for a in config.data.augment.flip_axes:
-        if not -ndim <= a < ndim:
-            raise ConfigError(f"config field 'data.augment.flip_axes': {a} is not an axis of "
-                              f"{info.path}'s {ndim}D images (0..{ndim - 1} or negative)")
+def _check_augment(config, info):
+    """data.augment fits the data's images (its flip axes exist), else a config error."""
+    try:
+        Augmenter(config.data.augment, info.spatial_shape, config.run.seed)
+    except ValueError as err:
+        raise ConfigError(f"config field 'data.augment': {err}; data: {info.path}") from None
 
 
 def dataset_record(info):
