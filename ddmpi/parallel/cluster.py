@@ -333,8 +333,8 @@ def _visible_hint(environ):
     return f"CUDA_VISIBLE_DEVICES={cvd!r}" if cvd is not None else "CUDA_VISIBLE_DEVICES unset"
 
 
-def select_device(local_rank, requested="auto", num_gpus=None, *, local_size=None,
-                  gpus_per_rank=None, environ=None, field="run.device", host=None):
+def select_device(local_rank, requested="auto", num_gpus=None, *, environ=None,
+                  field="run.device", host=None):
     """The ``torch.device`` this rank computes on: ``"cpu"``, ``"auto"``, ``"cuda"`` or
     ``"cuda:N"``; the node-local rank modulo the visible GPUs (docs/architecture.md, binding).
     Raises :class:`BindingError` naming ``field``."""
@@ -380,20 +380,6 @@ def select_device(local_rank, requested="auto", num_gpus=None, *, local_size=Non
                 f"device(s) are visible on {host} (valid: cuda:0..cuda:{num_gpus - 1}; "
                 f"{_visible_hint(environ)})")
         return torch.device("cuda", index)
-
-    if gpus_per_rank is not None:
-        gpus_per_rank = int(gpus_per_rank)
-        if gpus_per_rank < 1:
-            raise BindingError(f"gpus_per_rank must be at least 1, got {gpus_per_rank}")
-        ranks_here = local_size if local_size is not None else local_rank + 1
-        needed = ranks_here * gpus_per_rank
-        if needed > num_gpus:
-            raise BindingError(
-                f"{ranks_here} rank(s) per node x {gpus_per_rank} GPU(s) per rank = {needed} "
-                f"GPUs needed on {host}, but only {num_gpus} are visible "
-                f"({_visible_hint(environ)}). Use fewer tasks per node (--ntasks-per-node) or "
-                f"request more GPUs (--gpus-per-task / --gres=gpu:N).")
-        return torch.device("cuda", local_rank * gpus_per_rank)
 
     return torch.device("cuda", local_rank % num_gpus)
 
@@ -500,7 +486,7 @@ class Binding:
 
 
 def bind_process(group, device="auto", threads="auto", *, environ=None, num_gpus=None,
-                 gpus_per_rank=None, apply=True) -> Binding:
+                 apply=True) -> Binding:
     """Detect, choose and (with ``apply``) set this rank's device and threads. Collective
     over ``group`` (a :class:`~ddmpi.parallel.group.Group`, or None for one process).
 
@@ -511,8 +497,7 @@ def bind_process(group, device="auto", threads="auto", *, environ=None, num_gpus
     environ = os.environ if environ is None else environ
     comm = None if group is None else group.comm
     local_rank, local_size, source = node_local_rank(comm, environ)
-    dev = select_device(local_rank, device, num_gpus, local_size=local_size,
-                        gpus_per_rank=gpus_per_rank, environ=environ)
+    dev = select_device(local_rank, device, num_gpus, environ=environ)
     n = threads_per_rank(local_size, threads, environ)
     if apply:
         bind_threads(n)
