@@ -202,11 +202,6 @@ def apply_override(raw, item):
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
 
 
-def override_keys(overrides):
-    """The dotted keys that ``key=value`` overrides set."""
-    return [item.partition("=")[0].strip() for item in overrides]
-
-
 def from_dict(raw):
     """Build a validated :class:`Config` from nested dicts."""
     config = _build(Config, raw, "")

@@ -227,12 +227,6 @@ class SlurmEnvironment(VariableEnvironment):
             return None
         return None
 
-    def job_id(self):
-        return self.environ.get("SLURM_JOB_ID")
-
-    def cpus_per_task(self):
-        return _int(self.environ, "SLURM_CPUS_PER_TASK")
-
 
 class SharedMemoryEnvironment(ClusterEnvironment):
     """Any MPI: the node-local rank/size from a shared-memory split of ``comm`` (collective)."""

@@ -14,7 +14,7 @@ _requested = {"signal": None}
 
 def install(signals=(signal.SIGUSR1, signal.SIGTERM)):
     """Install the flag-setting handler for ``signals``."""
-    def handler(signum, frame):
+    def handler(signum, _frame):
         _requested["signal"] = signum
 
     for sig in signals:
