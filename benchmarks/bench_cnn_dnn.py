@@ -10,7 +10,8 @@ rank count, and each rank's peak RSS (``peak_memory_mb``). Each rank count runs 
 measurements, no best-of selection). It then retrains only the coarse DNN of the last run on
 each choice of ``coarse.train_on`` (train / val / train+val decisions, the configured coarse
 model and seed; :func:`ddmpi.coarse.dnn.train_coarse`) and prints their test accuracies and
-the combiner each one chooses on its holdout: the evidence for the default.
+the combiner each one chooses on its holdout, for information only: nothing is chosen on them
+(the default comes from the regime study's selection set, benchmarks/RESULTS-coarse.md).
 """
 
 import argparse
