@@ -55,9 +55,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _paths import ROOT, SHARED_DATA
+
 DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "mnist10k_2x2.yaml"
-DEFAULT_SRC = ROOT.parent / "shared" / "data" / "mnist"
+DEFAULT_SRC = SHARED_DATA / "mnist"
 # a smaller local CNN than the config's (width 16, batch 64) so that three runs on the full
 # 54,000 training images fit a shared 2-core machine
 DEFAULT_SETS = ["local.model.width=8", "local.batch_size=128"]
@@ -173,7 +174,9 @@ def rank_figures(metrics, info, decomposition, epochs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="MNIST IDX folder")
+    parser.add_argument("--src", type=Path, default=DEFAULT_SRC,
+                        help="MNIST IDX folder (default: %(default)s; $DDMPI_SHARED_DATA "
+                        "overrides ../shared/data)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--limit", type=int, default=None,
                         help="data_prep --limit (default: all 60,000 + 10,000 images); the "

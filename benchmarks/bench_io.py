@@ -11,9 +11,10 @@ object that counts the bytes HDF5 asks for, and prints them against the split's 
 of ``--repeat`` reads with their range (min..max); ``--dtype uint8`` writes the converted sets
 in 8-bit storage (format v2), whose bytes are counted with their own item size.
 
-Without ``--data`` it converts ``--src`` (MNIST IDX .gz, default ``../shared/data/mnist-test10k``)
-into a temporary ddmpi data set (seeded 8,000 / 1,000 / 1,000 split) with a few lines of numpy,
-and with ``--3d`` also builds a 3D set of real digits stacked 16 deep (1,000 x 16x28x28).
+Without ``--data`` it converts ``--src`` (MNIST IDX .gz, default ``mnist-test10k`` under
+``$DDMPI_SHARED_DATA``, else under ``../shared/data``) into a temporary ddmpi data set (seeded
+8,000 / 1,000 / 1,000 split) with a few lines of numpy, and with ``--3d`` also builds a 3D set
+of real digits stacked 16 deep (1,000 x 16x28x28).
 Acceptance: one rank's bytes for one subdomain of a 2x2 grid with overlap 2 <= ~1/3 of the
 split's image bytes.
 """
@@ -30,9 +31,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from _paths import SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SRC = ROOT.parent / "shared" / "data" / "mnist-test10k"
+DEFAULT_SRC = SHARED_DATA / "mnist-test10k"
 
 
 class CountingFile(io.RawIOBase):
@@ -270,7 +271,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="prepared ddmpi data set (.h5)")
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC,
-                        help="MNIST IDX folder converted when --data is not given")
+                        help="MNIST IDX folder converted when --data is not given "
+                        "(default: %(default)s; $DDMPI_SHARED_DATA overrides ../shared/data)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--grids", nargs="+", default=["2x2:2", "4x4:2"],
                         help="grids as GRID:OVERLAP (default: 2x2:2 4x4:2)")

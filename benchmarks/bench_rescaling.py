@@ -66,8 +66,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _paths import ROOT, SHARED_DATA  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddmpi.config import LocalConfig, ModelConfig, OptimizerConfig, RescalingConfig, SchedulerConfig  # noqa: E402
@@ -86,7 +86,7 @@ LABELS = {"rescaled": "(a) rescaled: low res, then switch",
           "same-final": "(b) same final network from scratch [HEADLINE baseline]",
           "ordinary": "(c) ordinary network, full res [secondary: different network]"}
 SPLITS = ("train", "val", "test")
-DEFAULT_SRC = ROOT.parent / "shared" / "data" / "mnist-test10k"
+DEFAULT_SRC = SHARED_DATA / "mnist-test10k"
 CPU = torch.device("cpu")
 
 
@@ -479,7 +479,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT / "data" / "mnist10k.h5")
-    p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="MNIST IDX files")
+    p.add_argument("--src", type=Path, default=DEFAULT_SRC,
+                   help="MNIST IDX files (default: %(default)s; $DDMPI_SHARED_DATA overrides "
+                   "../shared/data)")
     p.add_argument("--upsampled", type=Path, default=ROOT / "data" / "mnist10k_56.h5")
     p.add_argument("--sizes", nargs="+", default=["28"], choices=["28", "56"],
                    help="data sets (default 28; 56 = the 2x up-sampled digits)")

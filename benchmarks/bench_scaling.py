@@ -45,10 +45,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from _paths import ROOT, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "mnist10k_2x2.yaml"
-DEFAULT_SRC = ROOT.parent / "shared" / "data" / "mnist-test10k"
+DEFAULT_SRC = SHARED_DATA / "mnist-test10k"
 LOCAL_PHASES = ("local_training", "local_inference")
 
 
@@ -174,7 +174,8 @@ def main(argv=None):
     parser.add_argument("--data", type=Path,
                         help="prepared data set (default: the config's data.path)")
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC,
-                        help="MNIST IDX folder to prepare --data from when it is missing")
+                        help="MNIST IDX folder to prepare --data from when it is missing "
+                        "(default: %(default)s; $DDMPI_SHARED_DATA overrides ../shared/data)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--epochs", type=int, default=2, help="local.epochs (default 2)")
     parser.add_argument("--repeat", type=int, default=1,
