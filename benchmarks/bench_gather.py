@@ -299,7 +299,7 @@ def main(argv=None):
                           f"{model / MiB:9.1f} {recv / MiB:8.1f} "
                           f"{probe.heap_peak / nbytes:8.2f}", flush=True)
                     del result
-                del local
+                local = None  # free the decisions before the next size (func holds only the name)
                 gc.collect()
     if rank == 0:
         if skipped:
