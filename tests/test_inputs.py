@@ -41,12 +41,14 @@ def test_images_and_volumes_follow_the_data_set(tmp_path):
         np.testing.assert_allclose(v, 1.0)
 
 
-def _cifar_batch(path, n=4, labels=True, protocol=2):
+def _cifar_batch(path, n=4, labels=True, protocol=2, filenames=False):
     rng = np.random.default_rng(0)
     batch = {b"batch_label": b"testing batch 1 of 1",
              b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
     if labels:
         batch[b"labels"] = list(range(n))
+    if filenames:
+        batch[b"filenames"] = [f"cat_s_{i:06d}.png".encode() for i in range(n)]
     path.write_bytes(pickle.dumps(batch, protocol=protocol))
     return batch[b"data"]
 
@@ -77,6 +79,15 @@ def test_cifar_test_batch_gives_all_its_samples(tmp_path):
         load_inputs([tmp_path / "test_batch"], _info(1, (8, 8)))
     images, labels, _ = read_cifar_batch(tmp_path / "test_batch")
     assert images.dtype == np.uint8 and labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cifar_ids_are_the_batch_filenames(tmp_path):
+    """As in data_prep's CIFAR data sets, so predictions on a batch and on its converted split
+    name the same images alike; ``path:i`` only where the batch has no filenames."""
+    _cifar_batch(tmp_path / "test_batch", n=3, filenames=True)
+    _, ids, _ = load_inputs([tmp_path / "test_batch"], _info(3, (32, 32)))
+    assert ids == ["cat_s_000000.png", "cat_s_000001.png", "cat_s_000002.png"]
+    assert read_cifar_batch(tmp_path / "test_batch")[2] == ids  # data_prep's ids
 
 
 def test_refuses_code_and_unknown_files(tmp_path):

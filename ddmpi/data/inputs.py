@@ -218,8 +218,10 @@ def is_cifar_batch(path):
     return len(start) == 1 and start[0] in PICKLED_DICT_STARTS
 
 
-def read_cifar_batch(path, label_key="labels", num_classes=10, labels_required=True):
-    """``(images (N, 3, 32, 32) uint8, labels (N,) int64 or None, ids)`` of one CIFAR batch."""
+def read_cifar_batch(path, label_key="labels", num_classes=10, labels_required=True,
+                     id_prefix=None):
+    """``(images (N, 3, 32, 32) uint8, labels (N,) int64 or None, ids)`` of one CIFAR batch;
+    ids: the batch's ``filenames``, else ``{id_prefix}:{i}`` (default prefix: the file name)."""
     path = Path(path)
     batch = load_pickle(path)
     wanted = ("data", label_key) if labels_required else ("data",)
@@ -238,7 +240,7 @@ def read_cifar_batch(path, label_key="labels", num_classes=10, labels_required=T
     labels = _cifar_labels(path, batch, label_key, num_classes, len(data))
     names = batch.get("filenames")
     if names is None or len(names) != len(data):
-        names = [f"{path.name}:{i}" for i in range(len(data))]
+        names = [f"{id_prefix or path.name}:{i}" for i in range(len(data))]
     names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
     return data.reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE), labels, names
 
@@ -336,9 +338,9 @@ def _load_files(paths, info, channels, shape):
             if (channels, shape) != (3, (CIFAR_SIDE, CIFAR_SIDE)):
                 raise InputError(f"{path}: CIFAR images are 3x32x32, the data set's are "
                                  f"{channels}x{'x'.join(map(str, shape))}")
-            data, y, _ = read_cifar_batch(path, labels_required=False)
+            data, y, names = read_cifar_batch(path, labels_required=False, id_prefix=path)
             arrays.append(data.astype(np.float32) / 255)
-            ids += [f"{path}:{i}" for i in range(len(data))]
+            ids += names
             labels.append(y)
         else:
             raise InputError(f"{path}: unsupported input type (expected a ddmpi HDF5 file, an "
