@@ -59,14 +59,16 @@ def build_parser():
         description="Predict classes and probabilities of new images (a ddmpi HDF5 file, "
         "image files, NIfTI volumes or CIFAR python batch files such as test_batch) with a "
         "trained run directory; serial, or under MPI with the subdomains spread over the ranks.")
-    predict.add_argument("run_dir", help="run directory written by 'ddmpi train'")
+    predict.add_argument("run_dir", help="run directory written by 'ddmpi train', or one "
+                         "strategy's run directory of 'ddmpi compare' (CNN-DNN, coherent or "
+                         "global CNN)")
     predict.add_argument("inputs", nargs="+",
                          help="HDF5 data set, image files, NIfTI volumes or CIFAR batch files")
     predict.add_argument("--split", default="test", help="split to classify in an HDF5 input")
     predict.add_argument("--combiner", default="chosen",
                          choices=("chosen", "cnn_dnn", "majority_vote", "average_probabilities"),
                          help="how local decisions are combined (default: the one the run "
-                         "chose on its holdout)")
+                         "chose on its holdout; a global CNN run has only 'chosen')")
     predict.add_argument("--out", help="write predictions as CSV (default: print)")
 
     compare = sub.add_parser(

@@ -95,8 +95,7 @@ def test_run_writes_its_run_directory(mpi_digits, mpi_tmp_path):
             "memory": len(written["peak_memory_mb"]) == world.size and all(
                 m["rss"] > 0 for m in written["peak_memory_mb"].values()),
             "history": [h["epoch"] for h in written["history"]["global"]] == [1, 2],
-            # resumable trainer state; the best state is kept in it (no "best_model" key: the
-            # global run is not read by ddmpi predict)
+            # resumable trainer state; the best state is kept in it (ddmpi predict reads it)
             "checkpoint": ckpt["finished"] and ckpt["best"]["state"] is not None
             and ckpt["best"]["epoch"] == result.extra["best_epoch"],
             "files": all((run_dir / p).exists() for p in (

@@ -1,5 +1,6 @@
-"""``ddmpi predict``: a trained run directory classifies HDF5 samples, image files and NIfTI
-volumes, serially and under MPI, exactly as the training run's evaluation did."""
+"""``ddmpi predict``: a trained run directory (CNN-DNN, coherent CNN-DNN or global CNN)
+classifies HDF5 samples, image files and NIfTI volumes, serially and under MPI, exactly as the
+training run's evaluation did."""
 
 import csv
 import json
@@ -13,10 +14,12 @@ from helpers import mpirun, shared_data
 
 from ddmpi.commands.predict import predict
 from ddmpi.config import load_config
-from ddmpi.data.schema import open_h5, read_labels
+from ddmpi.data.schema import DatasetError, open_h5, read_labels
 from ddmpi.parallel.group import Group
 from ddmpi.strategies.base import run as run_strategy
 from ddmpi.strategies.cnn_dnn import CNNDNN
+from ddmpi.strategies.coherent import Coherent
+from ddmpi.strategies.global_ddp import global_strategy
 
 SELF = Group.single()
 
@@ -36,6 +39,20 @@ def trained(tmp_path_factory):
     return base / "run", data, result
 
 
+def _other_run(trained, strategy, name):
+    """A run of ``strategy`` on the fixture's data, 2 epochs."""
+    data = trained[1]
+    run_dir = trained[0].parent / name
+    config = load_config("quickstart", [f"data.path={data}", f"run.dir={run_dir}",
+                                        "local.epochs=2", "run.threads_per_rank=1"])
+    return run_dir, data, run_strategy(strategy, config, SELF)
+
+
+@pytest.fixture(scope="module")
+def global_run(trained):
+    return _other_run(trained, global_strategy(8), "global_ddp")
+
+
 def test_hdf5_split_reproduces_training_metrics(trained):
     run, data, result = trained
     labels = read_labels(data, "test")
@@ -45,6 +62,21 @@ def test_hdf5_split_reproduces_training_metrics(trained):
         np.testing.assert_array_equal(got, labels)
         accuracy = float((probs.argmax(1) == labels).mean())
         assert accuracy == pytest.approx(result.combiners[combiner]["accuracy"])
+
+
+def test_global_and_coherent_runs_reproduce_their_test_accuracy(trained, global_run):
+    """A global-model run has checkpoints/global.pt, no local CNNs; a coherent run has the
+    CNN-DNN's layout."""
+    for run, data, result in (global_run, _other_run(trained, Coherent, "coherent")):
+        labels = read_labels(data, "test")
+        probs, ids, got = predict(run, [str(data)], SELF)
+        assert probs.shape == (len(labels), 10) and len(ids) == len(labels)
+        np.testing.assert_array_equal(got, labels)
+        accuracy = float((probs.argmax(1) == labels).mean())
+        assert accuracy == pytest.approx(result.combiners[result.strategy]["accuracy"])
+    with pytest.raises(DatasetError, match=r"global_ddp: a global-model run .*; --combiner "
+                                           r"majority_vote applies to CNN-DNN runs only"):
+        predict(global_run[0], [str(data)], SELF, combiner="majority_vote")
 
 
 def test_image_files_match_stored_samples(trained, tmp_path):
@@ -64,8 +96,9 @@ def test_image_files_match_stored_samples(trained, tmp_path):
     np.testing.assert_allclose(from_files, from_h5[:6], atol=0.02)  # 8-bit PNG quantisation
 
 
-def test_cli_under_mpi_equals_serial(trained, tmp_path):
-    run, data, _ = trained
+@pytest.mark.parametrize("kind", ["trained", "global_run"])
+def test_cli_under_mpi_equals_serial(kind, request, tmp_path):
+    run, data, _ = request.getfixturevalue(kind)
     serial = tmp_path / "serial.csv"
     subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(data),
                     "--out", str(serial)], check=True, capture_output=True, timeout=120)

@@ -1,7 +1,9 @@
-"""``ddmpi predict``: classify new images with a trained run directory (CNN-DNN or coherent).
+"""``ddmpi predict``: classify new images with a trained run directory: CNN-DNN, coherent
+CNN-DNN or global CNN (``ddmpi train``, ``ddmpi compare``).
 
-Each rank evaluates the local CNNs of its subdomains; rank 0 gathers the decisions, applies
-the combiner and writes the predictions (and, for a labelled HDF5 split, the metrics).
+CNN-DNN: each rank evaluates the local CNNs of its subdomains; rank 0 gathers the decisions,
+applies the combiner and writes the predictions (and, for a labelled HDF5 split, the metrics).
+Global CNN: each rank evaluates a share of the images with the one model; rank 0 gathers them.
 """
 
 import csv
@@ -22,17 +24,32 @@ from ddmpi.data.schema import DatasetError
 from ddmpi.models.cnn import build_cnn
 from ddmpi.parallel.layout import assign_subdomains
 from ddmpi.report.stats import classification_metrics
-from ddmpi.strategies.rundir import coarse_path, local_path
+from ddmpi.strategies.rundir import coarse_path, global_path, local_path
 from ddmpi.training.checkpoint import load_checkpoint
 
 
 def _local_model(run_dir, sub):
     state = load_checkpoint(local_path(run_dir, sub))
-    if state is None or "best_model" not in state:
-        raise DatasetError(f"{local_path(run_dir, sub)}: missing or unfinished local checkpoint")
+    return _built(local_path(run_dir, sub), state, (state or {}).get("best_model"), "local")
+
+
+def _global_model(run_dir):
+    """The global CNN's best state (kept in its resumable trainer state once finished)."""
+    state = load_checkpoint(global_path(run_dir))
+    best = state["best"]["state"] if (state or {}).get("finished") else None
+    return _built(global_path(run_dir), state, best, "global")
+
+
+def _built(path, state, weights, kind):
+    if weights is None:
+        raise DatasetError(f"{path}: missing or unfinished {kind} checkpoint")
     model = build_cnn(**state["model_config"])
-    model.load_state_dict(state["best_model"])
+    model.load_state_dict(weights)
     return model.eval()
+
+
+def _probabilities(model, x):
+    return torch.cat([torch.softmax(model(b), 1) for b in x.split(512)]).numpy()
 
 
 @torch.no_grad()
@@ -43,28 +60,46 @@ def predict(run_dir, inputs, world, split="test", combiner="chosen"):
     if not dataset_file.exists():
         raise DatasetError(f"{dataset_file}: missing; is {run_dir} a finished ddmpi run?")
     dataset = json.loads(dataset_file.read_text())
+    is_global = global_path(run_dir).exists()
+    if is_global and combiner != "chosen":
+        raise DatasetError(f"{run_dir}: a global-model run (one CNN on whole images, "
+                           f"checkpoints/global.pt); --combiner {combiner} applies to CNN-DNN "
+                           f"runs only")
+    images, ids, labels = load_inputs(inputs, dataset, split)
+    shape = (1, -1) + (1,) * (images.ndim - 2)
+    images = ((images - np.reshape(np.float32(dataset["mean"]), shape))
+              / np.reshape(np.float32(dataset["std"]), shape))
+    if is_global:
+        return _predict_global(run_dir, images, world), ids, labels
+    return _predict_decomposed(run_dir, images, world, dataset, combiner), ids, labels
+
+
+def _predict_global(run_dir, images, world):
+    """The global CNN's probabilities on rank 0 (None elsewhere), rows shared by the ranks."""
+    n, r, p = len(images), world.rank, world.size
+    x = torch.from_numpy(np.ascontiguousarray(images[r * n // p:(r + 1) * n // p]))
+    return world.gatherv_rows(_probabilities(_global_model(run_dir), x))
+
+
+def _predict_decomposed(run_dir, images, world, dataset, combiner):
+    """The combined probabilities of the local CNNs on rank 0 (None elsewhere)."""
     config = load_config(run_dir / "config.yaml")
     decomposition = Decomposition(tuple(dataset["spatial_shape"]), config.decomposition.grid,
                                   config.decomposition.overlap)
-    images, ids, labels = load_inputs(inputs, dataset, split)
-    shape = (1, -1) + (1,) * decomposition.ndim
-    images = ((images - np.reshape(np.float32(dataset["mean"]), shape))
-              / np.reshape(np.float32(dataset["std"]), shape))
     local = {}
     for sub in assign_subdomains(decomposition.num_subdomains, world.size)[world.rank]:
         x = torch.from_numpy(np.ascontiguousarray(decomposition.extract(images, sub)))
-        model = _local_model(run_dir, sub)
-        local[sub] = torch.cat([torch.softmax(model(b), 1) for b in x.split(512)]).numpy()
+        local[sub] = _probabilities(_local_model(run_dir, sub), x)
     probs = world.gather_decisions(local, decomposition.num_subdomains)
     if world.rank != 0:
-        return None, ids, labels
+        return None
     state = load_checkpoint(coarse_path(run_dir))
     if state is None:
         raise DatasetError(f"{coarse_path(run_dir)}: missing coarse checkpoint")
     name = state["chosen"] if combiner == "chosen" else combiner
     coarse = build_coarse(state["model_config"])
     coarse.load_state_dict(state["model"])
-    return combine(name, coarse, probs), ids, labels
+    return combine(name, coarse, probs)
 
 
 def write_predictions(stream, probs, ids, classes):
