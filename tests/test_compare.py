@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ddmpi.cli import build_parser
+from ddmpi.coarse.dnn import CoarseNet
 from ddmpi.commands import compare
 from ddmpi.commands.compare import paired_tests, run_compare, strategies, summarise, warm_up
 from ddmpi.config import ConfigError, load_config
@@ -23,7 +24,7 @@ from ddmpi.report.stats import classification_metrics, sign_flip_test
 from ddmpi.strategies.base import RunResult, decomposition_of
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
-from ddmpi.strategies.global_ddp import GlobalDDP, global_width, local_budget
+from ddmpi.strategies.global_ddp import GlobalDDP, cnn_dnn_budget, global_width, local_budget
 from ddmpi.strategies.local import build_kwargs
 
 
@@ -89,8 +90,9 @@ def _flops(model):
     return training_flops(model, model.config["input_shape"], model.config["in_channels"])
 
 
-def test_global_width_rules_match_the_local_cnns_together():
-    """2x2 MNIST-sized images (28x28, overlap 2 -> 16x16 subimages), local width 8."""
+def test_global_width_rules_match_the_cnn_dnn():
+    """2x2 MNIST-sized images (28x28, overlap 2 -> 16x16 subimages), local width 8: compute
+    matches the local CNNs' training FLOPs, parameters the local CNNs' and the coarse DNN's."""
     config = _config("local.model.width=8", "local.model.depth=2", "decomposition.grid=[2, 2]",
                      "decomposition.overlap=2")
     decomposition = Decomposition((28, 28), [2, 2], 2)
@@ -101,12 +103,24 @@ def test_global_width_rules_match_the_local_cnns_together():
     assert flops == 4 * _flops(local)
     assert global_width(config, MNIST, decomposition, 20) == 20
 
-    # parameter-matched: the closest parameter count among the neighbouring widths
+    budget = cnn_dnn_budget(config, MNIST, decomposition)
+    coarse = CoarseNet(4, 10, config.coarse.hidden)   # the CNN-DNN's coarse DNN
+    assert count_parameters(coarse) == 40 * 64 + 64 + 64 * 10 + 10 + 4 == 3278
+    assert budget["parameters"] == {"target": params + 3278, "local_cnns": params,
+                                    "coarse_dnn": 3278, "coarse_included": True}
+    assert budget["compute"] == {"target": flops, "local_cnns": flops, "coarse_included": False,
+                                 "coarse_dnn": training_flops(coarse, (), 40)}
+    assert 0 < budget["compute"]["coarse_dnn"] < flops / 100
+
+    # parameter-matched: the closest parameter count to the whole CNN-DNN's among the
+    # neighbouring widths (18 here; 16 when matched to the local CNNs alone)
+    target = budget["parameters"]["target"]
     w = global_width(config, MNIST, decomposition, "parameters")
+    assert global_width(config, MNIST, decomposition, "parameters", budget) == w
     counts = {v: count_parameters(_global(config, v)) for v in (w - 1, w, w + 1)}
-    assert abs(counts[w] - params) <= min(abs(counts[w - 1] - params),
-                                          abs(counts[w + 1] - params))
-    assert 0.8 < counts[w] / params < 1.25
+    assert abs(counts[w] - target) <= min(abs(counts[w - 1] - target),
+                                          abs(counts[w + 1] - target))
+    assert abs(counts[w] - params) > abs(count_parameters(_global(config, 16)) - params)
 
     # compute-matched: the global CNN's training FLOPs lie within the neighbour gap of the
     # local CNNs' total (and are the closest of the neighbours)
@@ -144,12 +158,19 @@ def _result(name, accs, seed, *, parameters, flops, wall, rss, extra=None):
                      peak_memory_mb={"0": {"rss": rss}, "1": {"rss": rss + 10}})
 
 
-def _fake_runs(seeds=2):
+# what the matched global CNNs of _fake_runs match (resolve_widths' budget)
+BUDGET = {"compute": {"target": 1_900_000, "local_cnns": 1_900_000, "coarse_dnn": 14_250,
+                      "coarse_included": False},
+          "parameters": {"target": 820, "local_cnns": 700, "coarse_dnn": 120,
+                         "coarse_included": True}}
+
+
+def _fake_runs(seeds=2, honest=True):
     runs = {}
     for k in range(seeds):
         runs.setdefault("global_ddp[compute]", []).append(_result(
             "global_ddp", {"global_ddp": 0.9}, 10 * k, parameters=1000, flops=2e6,
-            wall=100.0 + k, rss=300, extra={"width": 12}))
+            wall=100.0 + k, rss=300 + 20 * k, extra={"width": 12}))
         runs.setdefault("global_ddp[parameters]", []).append(_result(
             "global_ddp", {"global_ddp": 0.85}, 10 * k + 1, parameters=800, flops=1.5e6,
             wall=80.0, rss=290, extra={"width": 10}))
@@ -157,7 +178,8 @@ def _fake_runs(seeds=2):
                "majority_vote": 0.6}
         runs.setdefault("cnn_dnn", []).append(_result(
             "cnn_dnn", cnn, 10 * k + 2, parameters=850, flops=1.8e6, wall=40.0 + 2 * k,
-            rss=200, extra={"chosen": "cnn_dnn"}))
+            rss=200, extra={"chosen": "cnn_dnn", "coarse": {"holdout": {"size": 36,
+                                                                         "honest": honest}}}))
         runs.setdefault("coherent", []).append(_result(
             "coherent", {"coherent": 0.75}, 10 * k + 7, parameters=850, flops=1.8e6,
             wall=50.0, rss=210))
@@ -169,7 +191,7 @@ def _fake_runs(seeds=2):
 
 def test_summarise_mean_std_costs_and_paired_tests():
     runs = _fake_runs()
-    c = summarise(_config("local.epochs=2", "compare.seeds=2"), 2, runs)
+    c = summarise(_config("local.epochs=2", "compare.seeds=2"), 2, runs, BUDGET)
     rows = c["rows"]
     assert list(rows) == ["global_ddp[compute]", "global_ddp[parameters]", "chosen", "cnn_dnn",
                           "average_probabilities", "majority_vote", "coherent",
@@ -185,7 +207,7 @@ def test_summarise_mean_std_costs_and_paired_tests():
     assert g["wall_seconds"]["mean"] == 100.5 and g["time_vs_compute_matched"] == 1.0
     assert rows["cnn_dnn"]["time_vs_compute_matched"] == pytest.approx(41.0 / 100.5)
     assert g["flops_per_sample"] == 2e6 and g["parameters"] == 1000 and g["width"] == 12
-    assert g["peak_rss_mb"] == 310                   # the larger rank
+    assert g["peak_rss_mb"] == 330                   # the larger rank in the larger seed
     assert rows["chosen"]["chosen"] == ["cnn_dnn", "cnn_dnn"]
     assert rows["majority_vote"]["parameters"] == 850
 
@@ -211,11 +233,69 @@ def test_summarise_mean_std_costs_and_paired_tests():
     json.dumps(c, default=float)
 
 
+def test_summarise_states_the_matched_targets_per_seed_walls_and_peak_memory():
+    """Each matched global CNN: the CNN-DNN's cost it matches, what it has, the deviation;
+    wall times and their ratios to the compute-matched global CNN per seed; peak RSS the
+    largest of every rank and seed."""
+    c = summarise(_config("compare.seeds=2"), 2, _fake_runs(), BUDGET)
+    assert c["matched"] == {
+        "global_ddp[compute]": {"rule": "compute", **BUDGET["compute"], "width": 12,
+                                "achieved": 2e6, "deviation": pytest.approx(2 / 1.9 - 1)},
+        "global_ddp[parameters]": {"rule": "parameters", **BUDGET["parameters"], "width": 10,
+                                   "achieved": 800, "deviation": pytest.approx(800 / 820 - 1)}}
+    rows = c["rows"]
+    assert rows["cnn_dnn"]["time_vs_compute_matched"] == pytest.approx(41.0 / 100.5)
+    assert rows["cnn_dnn"]["time_vs_compute_matched_per_seed"] == pytest.approx(
+        [40.0 / 100.0, 42.0 / 101.0])
+    assert rows["global_ddp[compute]"]["time_vs_compute_matched_per_seed"] == [1.0, 1.0]
+    assert rows["global_ddp[compute]"]["peak_rss_mb"] == 330 and rows["chosen"][
+        "peak_rss_mb"] == 210
+    assert summarise(_config(), 2, _fake_runs(), None)["matched"] == {}
+    table, markdown = format_table(c), format_markdown(c)
+    for text in ("parameter-matched: target 820 parameters (local CNNs 700 + coarse DNN 120), "
+                 "width 10 gives 800 (-2.44 %)",
+                 "compute-matched: target 1.900 train MFLOP/sample (local CNNs; the coarse "
+                 "DNN's 0.014 left out), width 12 gives 2.000 (+5.26 %)",
+                 "wall per seed (s), global CNN, compute-matched (DDP): 100.00, 101.00\n",
+                 "wall per seed (s), CNN-DNN: 40.00, 42.00; ratio to compute-matched 0.40, 0.42",
+                 "wall per seed (s), coherent CNN-DNN, transfer: 50.00, 52.00; ratio to "
+                 "compute-matched 0.50, 0.51"):
+        assert text in table and text in markdown, text
+    assert table.count("wall per seed") == 5
+    for text in ("Time / compute-matched: the ratio of the mean wall times over the seeds",
+                 "Peak RSS: the largest resident set of any rank in any seed",
+                 "the coarse DNN's (0.014 MFLOP per sample and step, 0.75 % of the local "
+                 "CNNs') left out", "closest to the whole CNN-DNN's, local CNNs and coarse DNN"):
+        assert text in markdown, text
+    json.dumps(c, default=float)
+
+
+@pytest.mark.parametrize("overrides, honest, text", [
+    ([], True, "a seeded, stratified 20 % (36 decisions) of the validation decisions only "
+               "(coarse.train_on: train+val; the local CNNs did not train on them"),
+    (["coarse.train_on=val", "coarse.holdout_fraction=0.25"], True,
+     "25 % (36 decisions) of the validation decisions (coarse.train_on: val"),
+    (["coarse.train_on=crossfit"], True,
+     "of the out-of-fold training decisions and the validation decisions"),
+    (["coarse.train_on=train"], False, "of the training decisions (coarse.train_on: train; "),
+    ([], False, "of all the decisions it trains on (coarse.train_on: train+val; fewer than"),
+    (["coarse.fallback=false"], True, "The CNN-DNN row is the coarse DNN (coarse.fallback: "
+                                      "false); its early stopping uses a holdout")])
+def test_legend_says_where_the_holdout_was_drawn_from(overrides, honest, text):
+    c = summarise(_config(*overrides), 2, _fake_runs(honest=honest), BUDGET)
+    assert c["coarse"]["train_on"] == _config(*overrides).coarse.train_on
+    markdown = format_markdown(c)
+    assert text in markdown
+    assert "coarse model's training decisions" not in markdown
+    assert ("significantly more often" in markdown) == ("coarse.fallback=false" not in overrides)
+
+
 def test_transfer_is_charged_the_cnn_dnn_run_it_starts_from(tmp_path):
     """The coherent transfer's wall time, curve and time to target start after the CNN-DNN
     run whose local CNNs and coarse model it loads: the same seed's, or transfer_from's."""
     runs = _fake_runs()
-    rows, lines = (summarise(_config("compare.seeds=2"), 2, runs)[k] for k in ("rows", "curves"))
+    c = summarise(_config("compare.seeds=2"), 2, runs, BUDGET)
+    rows, lines = c["rows"], c["curves"]
     assert rows["coherent_transfer"]["wall_seconds"]["values"] == [10.0 + 40.0, 10.0 + 42.0]
     assert rows["coherent"]["wall_seconds"]["values"] == [50.0, 50.0]
     assert [p["elapsed"] for p in lines["coherent_transfer"]] == [42.0, 44.0]
@@ -223,7 +303,7 @@ def test_transfer_is_charged_the_cnn_dnn_run_it_starts_from(tmp_path):
 
     (tmp_path / "metrics.json").write_text(json.dumps({"wall_seconds": 500.0}))
     elsewhere = summarise(_config("compare.seeds=2", f"compare.transfer_from={tmp_path}"), 2,
-                          runs)
+                          runs, BUDGET)
     assert elsewhere["rows"]["coherent_transfer"]["wall_seconds"]["values"] == [510.0, 510.0]
     assert [p["elapsed"] for p in elsewhere["curves"]["coherent_transfer"]] == [502.0, 504.0]
 
@@ -250,13 +330,13 @@ def test_paired_tests_need_the_cnn_dnn_and_skip_absent_baselines():
 
 
 def test_comparison_table_markdown_and_plot(tmp_path):
-    c = summarise(_config("local.epochs=2", "compare.seeds=2"), 2, _fake_runs())
+    c = summarise(_config("local.epochs=2", "compare.seeds=2"), 2, _fake_runs(), BUDGET)
     table = format_table(c)
     for text in ("global CNN, compute-matched (DDP)", "global CNN, parameter-matched (DDP)",
                  "CNN-DNN (combiner chosen on holdout)", "coherent CNN-DNN", "+-",
                  "train MFLOP/sample", "peak RSS (MiB)", "parameters", "sign-flip test p",
                  f"({len(LABELS)} test images x 2 seeds)", "2 seeds, mean +- std",
-                 "2.0", "1,000", "310"):
+                 "2.0", "1,000", "330"):
         assert text in table, text
     acc = c["rows"]["global_ddp[compute]"]["accuracy"]
     assert f"{100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %" in table
@@ -272,7 +352,7 @@ def test_comparison_table_markdown_and_plot(tmp_path):
 
 
 def test_one_seed_prints_means_only():
-    one = summarise(_config(), 2, _fake_runs(1))
+    one = summarise(_config(), 2, _fake_runs(1), BUDGET)
     assert all(r["accuracy"]["std"] == 0.0 for r in one["rows"].values())
     table = format_table(one)
     assert "+-" not in table and "1 seed;" in table and "test images x 1 seed)" in table
@@ -287,7 +367,8 @@ class _Stop(Exception):
 def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(compare, "warm_up", lambda config, world: calls.append("warm-up") or 0.0)
-    monkeypatch.setattr(compare, "resolve_widths", lambda config: calls.append("widths") or {})
+    monkeypatch.setattr(compare, "resolve_widths",
+                        lambda config: calls.append("widths") or (None, {}))
 
     def first_run(cls, config, world):
         calls.append("run")
@@ -303,9 +384,11 @@ def test_warm_up_binds_and_runs_on_the_data(digits_h5):
     config = _config(f"data.path={digits_h5}", "run.device=cpu", "run.threads_per_rank=1",
                      "local.model.width=4")
     assert warm_up(config, Group.single()) > 0.0
-    widths = compare.resolve_widths(config)
+    budget, widths = compare.resolve_widths(config)
     info = read_info(digits_h5)
-    assert widths == {w: global_width(config, info, decomposition_of(config, info), w)
+    decomposition = decomposition_of(config, info)
+    assert budget == cnn_dnn_budget(config, info, decomposition)
+    assert widths == {w: global_width(config, info, decomposition, w)
                       for w in ("compute", "parameters")}
 
 

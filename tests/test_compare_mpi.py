@@ -88,6 +88,10 @@ def test_compare_end_to_end(compared):
                    for name in names}
         cnn_flops = metrics["cnn_dnn"]["flops_per_sample"]
         compute = rows["global_ddp[compute]"]
+        matched = written["matched"]
+        seeds = [{name: json.loads((root / f"seed{k}" / name / "metrics.json").read_text())
+                  for name in names} for k in range(SEEDS)]
+        walls = [{name: m["wall_seconds"] for name, m in seed.items()} for seed in seeds]
         return {
             "rows": list(rows) == ["global_ddp[compute]", "global_ddp[parameters]", "chosen",
                                    "cnn_dnn", "average_probabilities", "majority_vote",
@@ -111,6 +115,27 @@ def test_compare_end_to_end(compared):
             and rows["global_ddp[parameters]"]["width"]
             == metrics["global_ddp[parameters]"]["extra"]["width"],
             "ratio": compute["time_vs_compute_matched"] == 1.0,
+            # the parameter target is the whole CNN-DNN as it ran (local CNNs + coarse DNN),
+            # computed before training; the compute target the local CNNs' FLOPs
+            "parameter target": matched["global_ddp[parameters]"]["target"]
+            == metrics["cnn_dnn"]["parameters"]
+            == matched["global_ddp[parameters]"]["local_cnns"]
+            + matched["global_ddp[parameters]"]["coarse_dnn"]
+            and matched["global_ddp[parameters]"]["achieved"]
+            == rows["global_ddp[parameters]"]["parameters"],
+            "compute target": matched["global_ddp[compute]"]["target"] == cnn_flops
+            and matched["global_ddp[compute]"]["achieved"] == compute["flops_per_sample"],
+            "per-seed ratios": rows["cnn_dnn"]["time_vs_compute_matched_per_seed"]
+            == [w["cnn_dnn"] / w["global_ddp[compute]"] for w in walls],
+            "peak RSS over seeds": rows["coherent"]["peak_rss_mb"]
+            == max(m["rss"] for seed in seeds for m in seed["coherent"]["peak_memory_mb"]
+                   .values()),
+            "holdout": written["coarse"] == {
+                "train_on": "train+val", "fraction": 0.2, "honest": True, "fallback": True,
+                "sizes": [seed["cnn_dnn"]["extra"]["coarse"]["holdout"]["size"]
+                          for seed in seeds]},
+            "legend": "of the validation decisions only" in (root / "comparison.md")
+            .read_text(),
             "paired": set(written["paired"]) == {"global_ddp[compute]",
                                                  "global_ddp[parameters]",
                                                  "average_probabilities"}

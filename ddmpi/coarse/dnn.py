@@ -71,6 +71,11 @@ def build_coarse(config):
     return CoarseNet(**config)
 
 
+def coarse_model(num_subdomains, num_classes, cfg):
+    """The untrained :class:`CoarseNet` of a :class:`~ddmpi.config.CoarseConfig` ``cfg``."""
+    return CoarseNet(num_subdomains, num_classes, cfg.hidden, cfg.dropout, cfg.inputs, cfg.skip)
+
+
 def features(probs, inputs="log"):
     """Local decisions (S, N, K) concatenated per sample: float32 tensor (N, S*K)."""
     probs = np.asarray(probs, dtype=np.float32)
@@ -223,7 +228,7 @@ def train_coarse(probs, labels, cfg, *, seed, device="cpu", honest=None):
     hold = holdout_indices(labels, honest, cfg.holdout_fraction, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CoarseNet(s, k, cfg.hidden, cfg.dropout, cfg.inputs, cfg.skip).to(device)
+        model = coarse_model(s, k, cfg).to(device)
         x = features(probs, cfg.inputs).to(device)
         y = torch.from_numpy(labels).to(device)
         history, best_epoch = _fit(model, x, y, hold, cfg, seed)

@@ -21,7 +21,7 @@ from ddmpi.report.stats import mean_std, paired_bootstrap, sign_flip_test
 from ddmpi.strategies.base import decomposition_of, run
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
-from ddmpi.strategies.global_ddp import global_strategy, global_width
+from ddmpi.strategies.global_ddp import cnn_dnn_budget, global_strategy, global_width
 from ddmpi.strategies.local import build_kwargs
 
 # The rows compared with the CNN-DNN in paired tests, when present.
@@ -73,13 +73,17 @@ def warm_up(config, world):
 
 
 def resolve_widths(config):
-    """``{rule: width}`` of the global CNNs, found once and untimed (the "compute" rule
-    FLOP-counts a dozen candidate networks, which is no part of training the baseline)."""
+    """``(budget, {rule: width})``: what the matched global CNNs match
+    (:func:`~ddmpi.strategies.global_ddp.cnn_dnn_budget`) and their widths, found once and
+    untimed (the "compute" rule FLOP-counts a dozen candidate networks, which is no part of
+    training the baseline)."""
     if "global_ddp" not in config.compare.strategies:
-        return {}
+        return None, {}
     info = read_info(config.data.path)
     decomposition = decomposition_of(config, info)
-    return {w: global_width(config, info, decomposition, w) for w in config.compare.global_widths}
+    budget = cnn_dnn_budget(config, info, decomposition)
+    return budget, {w: global_width(config, info, decomposition, w, budget)
+                    for w in config.compare.global_widths}
 
 
 def read_through(path, split, budget_bytes, block_bytes=64 << 20):
@@ -101,7 +105,7 @@ def run_compare(config, world):
     if world.rank == 0:
         write_text(root / "config.yaml", dump(config))
     seconds = warm_up(config, world)
-    widths = resolve_widths(config)
+    budget, widths = resolve_widths(config)
     if world.rank == 0:
         print(f"=== ddmpi compare: untimed warm-up, {seconds:.1f} s", flush=True)
     runs = {}
@@ -119,7 +123,7 @@ def run_compare(config, world):
             runs.setdefault(name, []).append(result)
     if world.rank != 0:
         return None
-    comparison = summarise(config, world.size, runs)
+    comparison = summarise(config, world.size, runs, budget)
     print("\n" + table.format_table(comparison), flush=True)
     write_text(root / "comparison.json", json.dumps(comparison, indent=2, default=float) + "\n")
     write_text(root / "comparison.md", table.format_markdown(comparison))
@@ -138,8 +142,9 @@ def rows_of(name, result):
             for n in ("chosen", "cnn_dnn", "average_probabilities", "majority_vote")}
 
 
-def summarise(config, ranks, runs):
-    """Mean +- std of every row over the seeds, costs, and the paired tests."""
+def summarise(config, ranks, runs, budget):
+    """Mean +- std of every row over the seeds, costs, the matched widths' targets
+    (``budget``: :func:`resolve_widths`'), the CNN-DNN's holdout, and the paired tests."""
     rows, correct = {}, {}
     prior = prior_seconds(config, runs)
     for name, results in runs.items():
@@ -147,10 +152,7 @@ def summarise(config, ranks, runs):
             per_seed = [rows_of(name, r)[row] for r in results]
             correct[row] = [c for _, c in per_seed]
             rows[row] = row_summary(row, name, results, [m for m, _ in per_seed], prior[name])
-    base = rows.get("global_ddp[compute]")
-    for row in rows.values():
-        row["time_vs_compute_matched"] = (row["wall_seconds"]["mean"] /
-                                          base["wall_seconds"]["mean"] if base else None)
+    time_ratios(rows)
     lines = curves(runs, prior)
     target = config.compare.target_accuracy or lowest_best(lines)
     for row in rows.values():
@@ -160,7 +162,48 @@ def summarise(config, ranks, runs):
             "decomposition": {"grid": list(config.decomposition.grid),
                               "overlap": config.decomposition.overlap},
             "epochs": config.local.epochs, "rows": rows, "target_accuracy": target,
+            "matched": matched(runs, budget), "coarse": coarse_holdout(config, runs),
             "paired": paired_tests(correct), "curves": lines}
+
+
+def time_ratios(rows):
+    """Each row's wall time over the compute-matched global CNN's: the ratio of the means
+    over the seeds, and per seed."""
+    base = rows.get("global_ddp[compute]")
+    for row in rows.values():
+        walls, mean, per_seed = row["wall_seconds"], None, None
+        if base:
+            mean = walls["mean"] / base["wall_seconds"]["mean"]
+            per_seed = [w / b for w, b in zip(walls["values"], base["wall_seconds"]["values"])]
+        row["time_vs_compute_matched"], row["time_vs_compute_matched_per_seed"] = mean, per_seed
+
+
+def matched(runs, budget):
+    """Per matched global CNN that ran: its rule's target and the target's parts
+    (``budget``), its width, the cost it has (first seed; every seed builds the same
+    network) and the relative deviation from the target."""
+    out = {}
+    for rule, cost in (budget or {}).items():
+        results = runs.get(f"global_ddp[{rule}]")
+        if results:
+            r = results[0]
+            achieved = r.flops_per_sample if rule == "compute" else r.parameters
+            out[f"global_ddp[{rule}]"] = {"rule": rule, **cost, "width": r.extra.get("width"),
+                                          "achieved": achieved,
+                                          "deviation": achieved / cost["target"] - 1.0}
+    return out
+
+
+def coarse_holdout(config, runs):
+    """On what the CNN-DNN runs chose their combiner: ``coarse.train_on``, the holdout
+    fraction, whether every holdout decision was one the local CNNs did not train on, the
+    holdout sizes per seed, and whether a cheap combiner could be chosen (``coarse.fallback``)."""
+    if "cnn_dnn" not in runs:
+        return None
+    holdouts = [r.extra["coarse"]["holdout"] for r in runs["cnn_dnn"]]
+    return {"train_on": config.coarse.train_on, "fraction": config.coarse.holdout_fraction,
+            "honest": all(h["honest"] for h in holdouts), "sizes": [h["size"] for h in holdouts],
+            "fallback": config.coarse.fallback}
 
 
 def prior_seconds(config, runs):
@@ -187,7 +230,7 @@ def row_summary(row, name, results, metrics, prior):
             "wall_seconds": mean_std([r.wall_seconds + p for r, p in zip(results, prior)]),
             "parameters": results[0].parameters,
             "flops_per_sample": results[0].flops_per_sample,
-            "peak_rss_mb": max(m["rss"] for m in results[0].peak_memory_mb.values()),
+            "peak_rss_mb": max(m["rss"] for r in results for m in r.peak_memory_mb.values()),
             "width": results[0].extra.get("width"),
             "chosen": [r.extra.get("chosen") for r in results] if row == "chosen" else None}
 

@@ -15,22 +15,38 @@ LABELS = {
 COLUMNS = ("strategy", "test acc", "balanced acc", "ROC AUC", "wall (s)",
            "time / compute-matched", "time to target (s)", "parameters", "train MFLOP/sample",
            "peak RSS (MiB)")
-LEGEND = (
-    "Compute-matched: the global CNN's width gives the same training FLOPs per sample (forward "
-    "+ backward, torch.utils.flop_counter) as all local CNNs together; parameter-matched: the "
-    "same parameter count. Wall time: barrier to barrier, data reading, training, evaluation "
-    "and outputs included, after an untimed warm-up on every rank (training split read once, "
-    "one forward and backward pass), so the first run does not carry the process's start-up "
-    "costs. The coherent CNN-DNN by transfer starts from a finished CNN-DNN run (the same "
-    "seed's, or compare.transfer_from): its wall time and time to target include that run's "
-    "wall time. Time to target is '-' for the CNN-DNN rows: the CNN-DNN's accuracy exists only "
-    "after the coarse stage, so it has no validation curve over training time. The CNN-DNN row "
-    "uses the combiner chosen on a holdout part of the coarse model's training decisions, "
-    "never on the test split. Paired tests take the test image as the unit: per image, the "
-    "CNN-DNN's correctness minus the baseline's, averaged over the seeds; the bootstrap "
-    "resamples images (all seeds of an image together) and the p-value is the exact two-sided "
-    "sign-flip permutation test of these per-image differences (with one seed, the exact "
-    "McNemar test).")
+# the run names of the per-seed wall lines (a CNN-DNN run gives several rows)
+RUN_LABELS = {**LABELS, "cnn_dnn": "CNN-DNN"}
+MATCHED = {"compute": "compute-matched", "parameters": "parameter-matched"}
+# where the CNN-DNN's holdout is drawn from, per coarse.train_on (ddmpi/coarse/dnn.py)
+HOLDOUT = {
+    "train+val": "of the validation decisions only (coarse.train_on: train+val; the local CNNs "
+                 "did not train on them, the coarse DNN trains on the training decisions and "
+                 "the other validation decisions)",
+    "val": "of the validation decisions (coarse.train_on: val; the coarse DNN trains on the "
+           "others)",
+    "crossfit": "of the out-of-fold training decisions and the validation decisions "
+                "(coarse.train_on: crossfit; no decision comes from a CNN that trained on its "
+                "image)",
+    "train": "of the training decisions (coarse.train_on: train; the local CNNs trained on "
+             "these images, so their decisions are over-confident)",
+}
+TIMES = (
+    "Wall time: barrier to barrier, data reading, training, evaluation and outputs included, "
+    "after an untimed warm-up on every rank (training split read once, one forward and "
+    "backward pass), so the first run does not carry the process's start-up costs. Time / "
+    "compute-matched: the ratio of the mean wall times over the seeds; the wall time of every "
+    "seed and its ratio to the compute-matched global CNN's of the same seed are listed above "
+    "the legend. Peak RSS: the largest resident set of any rank in any seed. The coherent "
+    "CNN-DNN by transfer starts from a finished CNN-DNN run (the same seed's, or "
+    "compare.transfer_from): its wall time and time to target include that run's wall time. "
+    "Time to target is '-' for the CNN-DNN rows: the CNN-DNN's accuracy exists only after the "
+    "coarse stage, so it has no validation curve over training time.")
+PAIRED_TESTS = (
+    "Paired tests take the test image as the unit: per image, the CNN-DNN's correctness minus "
+    "the baseline's, averaged over the seeds; the bootstrap resamples images (all seeds of an "
+    "image together) and the p-value is the exact two-sided sign-flip permutation test of these "
+    "per-image differences (with one seed, the exact McNemar test).")
 
 
 def _pm(stat, scale=100, unit=" %"):
@@ -70,7 +86,46 @@ def format_table(c):
     for r in rows:
         lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
                                for i, (v, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines + [""] + paired_lines(c))
+    return "\n".join(lines + [""] + notes(c))
+
+
+def notes(c):
+    """The lines under the table: matched targets, per-seed wall times, paired tests."""
+    return matched_lines(c) + wall_lines(c) + paired_lines(c)
+
+
+def matched_lines(c):
+    """Per matched global CNN: the CNN-DNN's cost it matches, its width, its cost, deviation."""
+    out = []
+    for m in c["matched"].values():
+        if m["rule"] == "parameters":
+            target = (f"{m['target']:,} parameters (local CNNs {m['local_cnns']:,} + coarse DNN "
+                      f"{m['coarse_dnn']:,})")
+            achieved = f"{m['achieved']:,}"
+        else:
+            target = (f"{m['target'] / 1e6:.3f} train MFLOP/sample (local CNNs; the coarse "
+                      f"DNN's {m['coarse_dnn'] / 1e6:.3f} left out)")
+            achieved = f"{m['achieved'] / 1e6:.3f}"
+        out.append(f"{MATCHED[m['rule']]}: target {target}, width {m['width']} gives "
+                   f"{achieved} ({100 * m['deviation']:+.2f} %)")
+    return out
+
+
+def wall_lines(c):
+    """Per run: the wall time of every seed, and its ratio to the compute-matched global
+    CNN's of the same seed."""
+    firsts = {}
+    for row in c["rows"].values():
+        firsts.setdefault(row["run"], row)
+    out = []
+    for run, row in firsts.items():
+        line = (f"wall per seed (s), {RUN_LABELS.get(run, run)}: "
+                + ", ".join(f"{w:.2f}" for w in row["wall_seconds"]["values"]))
+        ratios = row["time_vs_compute_matched_per_seed"]
+        if ratios and run != "global_ddp[compute]":
+            line += "; ratio to compute-matched " + ", ".join(f"{r:.2f}" for r in ratios)
+        out.append(line)
+    return out
 
 
 def paired_lines(c):
@@ -88,9 +143,51 @@ def format_markdown(c):
     lines = ["# ddmpi compare", "", title(c), "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join([" --- "] + [" ---: "] * (len(COLUMNS) - 1)) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in c["rows"].values()]
-    lines += [""] + [f"- {line}" for line in paired_lines(c)]
-    lines += ["", LEGEND, ""]
+    lines += [""] + [f"- {line}" for line in notes(c)]
+    lines += ["", legend(c), ""]
     return "\n".join(lines)
+
+
+def legend(c):
+    """What the table's columns and rows are, for this comparison."""
+    return " ".join(filter(None, (costs_sentence(c), TIMES, holdout_sentence(c["coarse"]),
+                                  PAIRED_TESTS)))
+
+
+def costs_sentence(c):
+    """What the cost columns count and what the matched global CNNs match."""
+    compute = c["matched"].get("global_ddp[compute]")
+    coarse = "" if compute is None else (
+        f" ({compute['coarse_dnn'] / 1e6:.3f} MFLOP per sample and step, "
+        f"{100 * compute['coarse_dnn'] / compute['local_cnns']:.2f} % of the local CNNs')")
+    listed = " (targets, widths and deviations above the legend)" if c["matched"] else ""
+    return (
+        "Train MFLOP/sample: the training FLOPs of one step per sample (forward + backward, "
+        "torch.utils.flop_counter); for the CNN-DNN rows those of all local CNNs together, the "
+        f"coarse DNN's{coarse} left out (it trains on the local decisions, not on images, for "
+        "its own number of epochs). Compute-matched: the global CNN's width whose training "
+        "FLOPs per sample are closest to the local CNNs' together; parameter-matched: the width "
+        "whose parameter count is closest to the whole CNN-DNN's, local CNNs and coarse DNN"
+        f"{listed}.")
+
+
+def holdout_sentence(h):
+    """How the CNN-DNN row's combiner was chosen: on what holdout, by what rule."""
+    if h is None:
+        return ""
+    pool = HOLDOUT[h["train_on"]] if h["honest"] or h["train_on"] == "train" else (
+        f"of all the decisions it trains on (coarse.train_on: {h['train_on']}; fewer than "
+        f"two of them held out from the local CNNs)")
+    sizes = (f"{h['sizes'][0]} decisions" if len(set(h["sizes"])) == 1 else
+             ", ".join(map(str, h["sizes"])) + " decisions per seed")
+    share = f"a seeded, stratified {100 * h['fraction']:g} % ({sizes}) {pool}"
+    if not h["fallback"]:
+        return ("The CNN-DNN row is the coarse DNN (coarse.fallback: false); its early "
+                f"stopping uses a holdout: {share}; never the test split.")
+    return (f"The CNN-DNN row uses the combiner chosen on a holdout: {share}. The coarse DNN "
+            "is used unless the better of averaged probabilities and majority vote is right "
+            "significantly more often there (one-sided sign test, p < 0.05); the same holdout "
+            "stops the coarse DNN's training early. The test split is never used for either.")
 
 
 def plot_comparison(path, c):

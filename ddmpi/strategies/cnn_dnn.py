@@ -89,7 +89,7 @@ class CNNDNN(Strategy):
             history={f"subdomain {s}": v["history"] for s, v in sorted(summaries.items())},
             extra={"chosen": fit.chosen, "coarse": {"train_on": cfg.coarse.train_on,
                                                     "best_epoch": fit.best_epoch,
-                                                    "holdout": without_indices(fit.holdout),
+                                                    "holdout": holdout_evidence(fit.holdout),
                                                     "history": fit.history},
                    "local": {str(s): {k: v for k, v in info.items() if k != "history"}
                              for s, info in sorted(summaries.items())},
@@ -126,5 +126,7 @@ def load_decisions(run_dir, sub):
         return {split: data[split] for split in data.files}
 
 
-def without_indices(holdout):
-    return {k: v for k, v in holdout.items() if k != "indices"}
+def holdout_evidence(holdout):
+    """The holdout's scores and size, without its indices."""
+    return {"size": len(holdout["indices"]),
+            **{k: v for k, v in holdout.items() if k != "indices"}}

@@ -1,11 +1,13 @@
 """The global baseline: one CNN on the full images, data-parallel with torch DDP over all ranks.
 
-Its width is explicit, or matched to the CNN-DNN's local CNNs: "compute" (same training FLOPs
-per sample as all local CNNs together) or "parameters" (same parameter count).
+Its width is explicit, or matched to the CNN-DNN (:func:`cnn_dnn_budget`): "compute" (same
+training FLOPs per sample as all local CNNs together) or "parameters" (same parameter count as
+the whole CNN-DNN, local CNNs and coarse DNN).
 """
 
 import torch
 
+from ddmpi.coarse.dnn import coarse_model
 from ddmpi.models.cnn import build_cnn, count_parameters
 from ddmpi.models.flops import matched_width, matched_width_by_parameters, training_flops
 from ddmpi.parallel.data_parallel import ddp_over
@@ -27,17 +29,35 @@ def local_budget(config, info, decomposition):
     return flops, params
 
 
-def global_width(config, info, decomposition, rule):
-    """Width of the global CNN for ``rule``: an int, "compute" or "parameters"."""
+def cnn_dnn_budget(config, info, decomposition):
+    """What each width rule matches, from the config before any training: ``{rule: {"target",
+    "local_cnns", "coarse_dnn", "coarse_included"}}``. "parameters": the local CNNs' and the
+    coarse DNN's (built as the CNN-DNN builds it). "compute": training FLOPs per sample of the
+    local CNNs; the coarse DNN's are left out (it trains on decisions, not images, for its own
+    number of epochs), reported as ``coarse_dnn``."""
+    flops, params = local_budget(config, info, decomposition)
+    s, k = decomposition.num_subdomains, info.num_classes
+    with torch.random.fork_rng(devices=[]):
+        coarse = coarse_model(s, k, config.coarse)
+    coarse_params = count_parameters(coarse)
+    return {"compute": {"target": flops, "local_cnns": flops, "coarse_included": False,
+                        "coarse_dnn": training_flops(coarse, (), s * k)},
+            "parameters": {"target": params + coarse_params, "local_cnns": params,
+                           "coarse_dnn": coarse_params, "coarse_included": True}}
+
+
+def global_width(config, info, decomposition, rule, budget=None):
+    """Width of the global CNN for ``rule``: an int, "compute" or "parameters"; ``budget``:
+    :func:`cnn_dnn_budget`, if already computed."""
     if isinstance(rule, int):
         return rule
-    flops, params = local_budget(config, info, decomposition)
+    target = (budget or cnn_dnn_budget(config, info, decomposition))[rule]["target"]
 
     def build(width):
         return build_cnn(**build_kwargs(config, info, info.spatial_shape, width))
     if rule == "compute":
-        return matched_width(build, flops)
-    return matched_width_by_parameters(build, params)
+        return matched_width(build, target)
+    return matched_width_by_parameters(build, target)
 
 
 class GlobalDDP(Strategy):
