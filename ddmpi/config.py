@@ -4,6 +4,7 @@ Choices are ``Literal`` types and bounds sit next to the field they constrain (`
 unknown keys, wrong types and values out of bounds are errors naming the dotted field.
 """
 
+import copy
 import dataclasses
 import math
 import re
@@ -165,24 +166,58 @@ class Config:
 
 
 def load_config(path=None, overrides=()):
-    """Read a YAML file (optional), apply ``key=value`` overrides, validate, return a Config."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        packaged = Path(__file__).parent / "configs" / f"{path}.yaml"
-        if not path.exists() and packaged.exists():
-            path = packaged  # a configuration shipped with ddmpi, by name ("quickstart")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the configuration must be a mapping of sections")
+    """Read a YAML file (optional), apply ``key=value`` overrides, validate, return a Config.
+
+    An error the file causes on its own (whatever the overrides) names the file.
+    """
+    if path is None:
+        raw = {}
+    else:
+        path, raw = _read_file(path)
+    merged = copy.deepcopy(raw)
     for item in overrides:
-        apply_override(raw, item)
-    return from_dict(raw)
+        apply_override(merged, item)
+    try:
+        return from_dict(merged)
+    except ConfigError as err:
+        if path is not None and _fails_alike(raw, err):
+            raise ConfigError(f"{path}: {err}") from None
+        raise
+
+
+def _read_file(path):
+    """``(path, raw dict)`` of a YAML file, or of a packaged configuration given by name."""
+    path = Path(path)
+    packaged = Path(__file__).parent / "configs" / f"{path}.yaml"
+    if not path.exists() and packaged.exists():
+        path = packaged  # a configuration shipped with ddmpi, by name ("quickstart")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping of sections")
+    return path, raw
+
+
+def _fails_alike(raw, err):
+    """Whether ``raw`` alone (no overrides) fails validation with the error ``err``."""
+    try:
+        from_dict(copy.deepcopy(raw))
+    except ConfigError as own:
+        return str(own) == str(err)
+    return False
+
+
+def yaml_problem(err):
+    """A YAML parser error on one line: ``line L, column C: problem``."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def apply_override(raw, item):
@@ -199,7 +234,8 @@ def apply_override(raw, item):
     try:
         node[parts[-1]] = yaml.safe_load(value)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
+        raise ConfigError(f"--set {item!r}: value is not valid YAML "
+                          f"({yaml_problem(err)})") from None
 
 
 def from_dict(raw):

@@ -1,5 +1,6 @@
 """A failure on one rank ends the whole MPI job quickly with a non-zero exit: no hung ranks."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,37 @@ def test_bad_config_fails_on_every_rank_with_the_field_named(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
     assert proc.returncode != 0
     assert "config field 'local.epochs'" in proc.stderr
+
+
+def _bad_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    return ["--config", str(tmp_path / "bad.yaml")], (
+        f"{tmp_path / 'bad.yaml'}: not valid YAML (line 2, column 1: expected ',' or ']', "
+        f"but got '<stream end>')")
+
+
+def _unknown_key(tmp_path):
+    (tmp_path / "foo.yaml").write_text("data: {path: x.h5}\nfoo: 1\n")
+    return ["--config", str(tmp_path / "foo.yaml")], (
+        f"{tmp_path / 'foo.yaml'}: config field 'foo': unknown key (known in this section: ")
+
+
+def _directory_as_data(tmp_path):
+    return (["--config", "quickstart", "--set", f"data.path={tmp_path}"],
+            f"{tmp_path}: a directory, not an HDF5 data set file")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", [_bad_yaml, _unknown_key, _directory_as_data])
+def test_input_errors_are_one_line_per_rank_naming_the_file(tmp_path, case):
+    args, message = case(tmp_path)
+    cmd, env = mpirun(2, "python", "-m", "ddmpi", "train", *args,
+                      "--run-dir", str(tmp_path / "run"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+    errors = re.findall(r"\[ddmpi rank \d/2\] error: (.*)", proc.stderr)  # amid MPI's banner
+    assert proc.returncode == 1 and 1 <= len(errors) <= 2, proc.stderr
+    assert all(error.startswith(message) for error in errors), proc.stderr
+    assert "Traceback" not in proc.stderr and "^" not in proc.stderr
 
 
 @pytest.mark.timeout(60)

@@ -108,3 +108,30 @@ def test_packaged_quickstart_round_trips(tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(dump(config))
     assert load_config(saved) == config
+
+
+def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value) == (f"{bad}: not valid YAML (line 2, column 1: expected ',' or ']', "
+                              f"but got '<stream end>')")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["local.epochs=["])
+    assert "\n" not in str(err.value) and "line 1, column 2" in str(err.value)
+
+
+def test_an_error_in_the_file_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {path: x.h5}\nfoo: 1\n")
+    for overrides in ([], ["run.dir=elsewhere"], ["local.epochs=0"]):
+        with pytest.raises(ConfigError, match=f"^{path}: config field 'foo': unknown key"):
+            load_config(path, overrides)
+    path.write_text("data: {path: x.h5}\n")
+    with pytest.raises(ConfigError, match="^config field 'local.epochs'"):  # the --set's fault
+        load_config(path, ["local.epochs=0"])
+    path.write_text("local: {epochs: 2}\n")  # no data.path: the file's, unless --set gives it
+    with pytest.raises(ConfigError, match=f"^{path}: config field 'data.path': required"):
+        load_config(path)
+    assert load_config(path, ["data.path=x.h5"]).local.epochs == 2

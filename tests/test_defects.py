@@ -71,15 +71,45 @@ def _malicious(path, marker):
     return path
 
 
+def _garbage(path, marker=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(0).bytes(4000))
+    return path
+
+
 def test_load_checkpoint_refuses_pickled_code(tmp_path):
     marker = tmp_path / "pwned"
     path = _malicious(tmp_path / "evil.pt", marker)
-    with pytest.raises(ValueError, match="evil.pt"):
+    with pytest.raises(ValueError, match=r"evil.pt: unsafe checkpoint, refused: it holds "
+                                         r"(builtins|io)\.open, not only tensors"):
         load_checkpoint(path)
     assert not marker.exists()
 
 
-def test_predict_refuses_a_malicious_run_checkpoint(tmp_path):
+@pytest.mark.parametrize("content", [b"", b"hello", np.random.default_rng(0).bytes(4000)])
+def test_a_garbage_checkpoint_is_one_line_naming_the_file(tmp_path, content):
+    path = tmp_path / "local_000.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (f"{path}: not a ddmpi checkpoint, or corrupt (not a PyTorch "
+                              f"checkpoint archive)")
+    torch.save(torch.zeros(2), path)
+    with pytest.raises(ValueError, match="local_000.pt: not a ddmpi checkpoint .holds a Tensor"):
+        load_checkpoint(path)
+
+
+def _error_lines(stderr):
+    """stderr less Open MPI's abort banner: what ddmpi printed."""
+    return [line for line in stderr.splitlines()
+            if line.startswith("[ddmpi") or "Traceback" in line or "weights_only" in line]
+
+
+@pytest.mark.parametrize("write, message", [
+    (_malicious, "local_000.pt: unsafe checkpoint, refused: it holds "),
+    (_garbage, "local_000.pt: not a ddmpi checkpoint, or corrupt"),
+])
+def test_predict_and_resume_refuse_a_bad_run_checkpoint(tmp_path, write, message):
     data = write_digits_h5(tmp_path / "digits.h5")
     run = _stored_run(tmp_path)
     from ddmpi.data.schema import read_info
@@ -88,11 +118,13 @@ def test_predict_refuses_a_malicious_run_checkpoint(tmp_path):
     (run / "dataset.json").write_text(json.dumps(dataset_record(read_info(data))))
     marker = tmp_path / "pwned"
     for sub in range(4):
-        _malicious(run / "checkpoints" / f"local_{sub:03d}.pt", marker)
-    proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(data)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "local_000.pt: unreadable or unsafe checkpoint, refused" in proc.stderr, proc.stderr
+        write(run / "checkpoints" / f"local_{sub:03d}.pt", marker)
+    for args in (["predict", str(run), str(data)], ["train", "--resume", str(run)]):
+        proc = subprocess.run([sys.executable, "-m", "ddmpi", *args],
+                              capture_output=True, text=True, timeout=300)
+        lines = _error_lines(proc.stderr)
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"[ddmpi rank 0/1] error: {run}/checkpoints/{message}")
     assert not marker.exists()
 
 

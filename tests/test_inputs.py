@@ -104,6 +104,8 @@ def test_refuses_code_and_unknown_files(tmp_path):
         load_inputs([notes], _info(3, (32, 32)))
     with pytest.raises(InputError, match="gone.png: input file not found"):
         load_inputs([tmp_path / "gone.png"], _info(3, (32, 32)))
+    with pytest.raises(InputError, match="a directory, not an input file"):
+        load_inputs([tmp_path], _info(3, (32, 32)))
 
 
 def _imports(path):

@@ -275,6 +275,8 @@ def test_errors(images28, digits_h5, tmp_path):
         SubdomainDataset(text, "train", dec, 0)
     with pytest.raises(DatasetError, match="missing.h5: data set file not found"):
         SubdomainDataset(tmp_path / "missing.h5", "train", dec, 0)
+    with pytest.raises(DatasetError, match="a directory, not an HDF5 data set file"):
+        SubdomainDataset(tmp_path, "train", dec, 0)
     with pytest.raises(DatasetError, match="images are 8x8 but the decomposition is for 28x28"):
         SubdomainDataset(digits_h5, "train", dec, 0)
     with pytest.raises(ValueError, match="subdomain 4 is out of range"):

@@ -323,6 +323,8 @@ def _load_h5_split(path, split, classes):
 def _load_files(paths, info, channels, shape):
     arrays, ids, labels, converted = [], [], [], []
     for path in paths:
+        if path.is_dir():
+            raise InputError(f"{path}: a directory, not an input file (give the files in it)")
         if not path.is_file():
             raise InputError(f"{path}: input file not found")
         if is_nifti(path) or is_image(path):

@@ -270,6 +270,8 @@ def _channel_stats(images, norm, block=4096):
 def open_h5(path):
     """Open a prepared data set read-only without HDF5 file locking (many ranks, one file)."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}: a directory, not an HDF5 data set file")
     if not path.is_file():
         raise DatasetError(f"{path}: data set file not found")
     try:
