@@ -7,8 +7,10 @@ and ``scontrol`` (records its arguments). ``DDMPI_CMD``/``DATA_PREP_CMD`` point 
 tests, waits for a signal and exits 75 like ``ddmpi train`` does after checkpointing.
 """
 
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -117,6 +119,79 @@ def test_param_study_array_matches_its_combinations():
     options, _ = sbatch_directives(SLURM / "param_study.sbatch")
     array = directive(options, "--array")
     assert re.fullmatch(rf"0-{len(rows) - 1}(%\d+)?", array), array
+
+
+# Slurm reads --export=ALL,NAME=value,... as a comma-separated list; a value cannot hold a comma.
+FAKE_SBATCH = """#!{python}
+import json, os, re, sys
+args = sys.argv[1:]
+export = ([a.split("=", 1)[1] for a in args if a.startswith("--export=")] or ["ALL"])[-1]
+env = {{}}
+for item in export.split(","):
+    name, sep, value = item.partition("=")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        sys.exit(f"sbatch: --export={{export}}: {{item!r}} is not NAME or NAME=value")
+    if name == "ALL":
+        env.update(os.environ)
+    elif name != "NONE":
+        env[name] = value if sep else os.environ.get(name, "")
+script = [a for a in args if not a.startswith("-")][0]
+with open({log!r}, "a") as log:
+    log.write(json.dumps({{"script": script, "EXTRA_ARGS": env.get("EXTRA_ARGS"),
+                          "OUT": env.get("OUT")}}) + "\\n")
+print("1234" if "--parsable" in args else "Submitted batch job 1234")
+"""
+
+
+def header_examples(path):
+    """The submit commands of a script's header (continuation lines joined)."""
+    header = path.read_text().split("#SBATCH", 1)[0]
+    block = header.split("Submit from", 1)[1].split("# Edit", 1)[0]
+    commands, current = [], ""
+    for line in (line[1:].strip() for line in block.splitlines() if line.startswith("#     ")):
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return commands
+
+
+def submit_header_examples(path, tmp_path):
+    """Run the header's submit lines against an sbatch that reads --export as Slurm does."""
+    log = tmp_path / "sbatch.log"
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SBATCH.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    commands = header_examples(path)
+    env = {k: v for k, v in os.environ.items() if k not in ("EXTRA_ARGS", "OUT")}
+    env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(["bash", "-ec", "\n".join(commands)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{commands}\n{result.stderr}"
+    jobs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(jobs) == sum(len(re.findall(r"(?:^|[\s(])sbatch\s", c)) for c in commands)
+    return jobs
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_header_examples_reach_the_job_whole(path, tmp_path):
+    for submitted in submit_header_examples(path, tmp_path):
+        assert (ROOT / submitted["script"]).is_file(), submitted
+        for word in shlex.split(submitted["EXTRA_ARGS"] or ""):
+            assert word.count("[") == word.count("]"), submitted
+
+
+def test_prepare_data_chain_prepares_what_the_trained_config_documents(tmp_path):
+    """The chained MNIST preparation uses the split the training config's header gives."""
+    config = ROOT / "benchmarks" / "configs" / "mnist10k_2x2.yaml"
+    header = " ".join(line.lstrip("# ").rstrip("\\ ") for line in config.read_text().splitlines()
+                      if line.startswith("#"))
+    documented = re.search(r"--out data/mnist10k\.h5 (--val-fraction \S+ --test-fraction \S+)",
+                           header).group(1)
+    jobs = submit_header_examples(SLURM / "prepare_data.sbatch", tmp_path)
+    chained = [j for j in jobs if j["OUT"] == "data/mnist10k.h5"]
+    assert [j["EXTRA_ARGS"] for j in chained] == [documented], jobs
 
 
 # --------------------------------------------------------------------------- running them
