@@ -1,16 +1,21 @@
 """Command line: ``ddmpi train | predict | compare`` (also ``python -m ddmpi ...``), MPI-safe.
 
 Every subcommand runs under :func:`ddmpi.parallel.abort.run_or_abort`: an exception on any rank
-prints that rank's message and aborts the whole job with a non-zero exit instead of leaving the
-other ranks waiting.
+prints that rank's message (also to its log file, once the run directory is open) and aborts the
+whole job with a non-zero exit instead of leaving the other ranks waiting. ``train`` and
+``compare`` take SIGUSR1/SIGTERM as a request to stop (:mod:`ddmpi.training.preemption`) from
+before their heavy imports until the rank leaves.
 """
 
 import argparse
+import logging
 import sys
 
 from ddmpi import __version__
+from ddmpi.training import preemption
 
 RESUME_IF_POSSIBLE = "<run.dir>"  # --resume without RUN_DIR: the configured run.dir, if any
+PREEMPTIBLE = ("train", "compare")  # commands that stop on a signal and exit 75
 
 
 def _user_errors():
@@ -94,15 +99,23 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from ddmpi.parallel.abort import run_or_abort
+    if args.command in PREEMPTIBLE:
+        preemption.install()  # before MPI and torch: a signal at start-up stops the run
+    from ddmpi.parallel.abort import prepare_exit_meeting, run_or_abort
     from ddmpi.parallel.group import Group
+    from ddmpi.strategies.rundir import log_to_file
 
     def command(args, world):
         from importlib import import_module
 
         import_module(f"ddmpi.commands.{args.command}").main(args, world)
 
-    run_or_abort(command, args, Group.world(), user_error_types=_user_errors())
+    world = Group.world()
+    if args.command in PREEMPTIBLE:
+        prepare_exit_meeting()
+    run_or_abort(command, args, world, user_error_types=_user_errors(),
+                 log=lambda text: log_to_file(world.rank, logging.ERROR, text))
+    preemption.ignore()  # done: a signal must not kill this rank while MPI finalises
     return 0
 
 

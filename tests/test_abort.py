@@ -41,6 +41,8 @@ def test_exception_on_one_rank_of_four_aborts_the_job(tmp_path):
                              "--set", "local.epochs=50"], tmp_path)
     assert proc.returncode != 0
     assert "[ddmpi rank 3/4] error: /scratch/lost/digits.h5: seen by this rank alone" in proc.stderr
+    log = (tmp_path / "run" / "logs" / "rank_00003.log").read_text()  # the rank's log too
+    assert "rank 3 ERROR error: /scratch/lost/digits.h5: seen by this rank alone" in log
     # far below the 50 epochs the other ranks would train (and the test's timeout): the
     # failure ended the job; start-up of 4 ranks on a loaded 2-core machine takes ~40 s
     assert seconds < 120, f"job took {seconds:.1f}s to end after the failure"

@@ -1,9 +1,9 @@
 """``ddmpi train``: resolve the configuration (fresh or resumed) and run the CNN-DNN strategy."""
 
-import os
 from pathlib import Path
 
 from ddmpi.cli import RESUME_IF_POSSIBLE
+from ddmpi.commands import exit_preempted
 from ddmpi.config import ConfigError, differences, load_config, to_dict
 from ddmpi.strategies.base import run
 from ddmpi.strategies.cnn_dnn import CNNDNN
@@ -51,6 +51,5 @@ def main(args, world):
     try:
         run(CNNDNN, config, world, resume=resume_dir is not None)
     except Preempted as stop:
-        print(f"[ddmpi rank {world.rank}] preempted ({stop}); exiting with "
-              f"{preemption.EXIT_PREEMPTED} for requeue", flush=True)
-        os._exit(preemption.EXIT_PREEMPTED)
+        exit_preempted(world.rank, f"preempted ({stop}); exiting with "
+                       f"{preemption.EXIT_PREEMPTED} for requeue")

@@ -16,6 +16,7 @@ from ddmpi.report.stats import classification_metrics
 from ddmpi.strategies import local
 from ddmpi.strategies.base import RunResult, Strategy
 from ddmpi.strategies.rundir import coarse_path, decisions_path
+from ddmpi.training import preemption
 from ddmpi.training.checkpoint import save_checkpoint
 
 
@@ -57,7 +58,11 @@ class CNNDNN(Strategy):
         if ctx.world.rank != 0:
             return None
         with ctx.timer("coarse"):
-            return self._combine(gathered, {s: v for p in parts for s, v in p.items()})
+            result = self._combine(gathered, {s: v for p in parts for s, v in p.items()})
+        if preemption.requested():
+            ctx.log.warning("stop signal received after the local CNNs were done: the run "
+                            "finished (the coarse phase is short and not checkpointed)")
+        return result
 
     def _combine(self, gathered, summaries):
         ctx, cfg = self.ctx, self.ctx.config

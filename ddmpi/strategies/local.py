@@ -77,6 +77,7 @@ def train_cnn(ctx, kwargs, train, val, augment, *, seed, path, epochs, parallel=
                       name=name or "global CNN")
     if state is not None:
         trainer.load_state_dict(state)
+        ctx.log.info(f"{trainer.name}: resumed from {path}, {resume_position(trainer)}")
         if progress is not None and writes:
             progress.epochs_resumed(trainer.epoch)
     # the switch first: the checkpoint of the switch epoch must hold the switched network
@@ -94,6 +95,15 @@ def train_cnn(ctx, kwargs, train, val, augment, *, seed, path, epochs, parallel=
         fit(trainer, train, val, step, batch_size=cfg.batch_size, seed=seed,
             should_stop=preemption.requested)
     return trainer, step
+
+
+def resume_position(trainer):
+    """Where a resumed ``trainer`` continues, in words."""
+    if trainer.stop or trainer.epoch >= trainer.epochs:
+        return f"finished ({trainer.epoch} epochs)"
+    if trainer.batch:
+        return f"continuing epoch {trainer.epoch + 1} after batch {trainer.batch}"
+    return f"continuing after epoch {trainer.epoch}"
 
 
 def scalar_row(record):

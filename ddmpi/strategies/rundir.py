@@ -85,3 +85,13 @@ def rank_logger(run_dir, rank, console=False):
         stream.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(stream)
     return logger
+
+
+def log_to_file(rank, level, message):
+    """Write ``message`` to this rank's log file alone (not the console), if
+    :func:`rank_logger` opened one in this process (a run directory is open)."""
+    logger = logging.getLogger(f"ddmpi.rank{rank}")
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -222,7 +222,8 @@ def fit(trainer, train, val, step, *, batch_size, seed, should_stop=lambda: Fals
             trainer.partial["seconds"] += time.perf_counter() - t0
             for hook in hooks:
                 hook.interrupted(trainer)
-            raise Preempted(f"stopped at epoch {trainer.epoch + 1}, batch {trainer.batch}")
+            raise Preempted(f"{trainer.name}: stopped at epoch {trainer.epoch + 1}, "
+                            f"batch {trainer.batch}")
         record = _finish_epoch(trainer, val, step, sums, t0)
         _check_finite(trainer.name, record)
         for hook in hooks:
@@ -231,7 +232,7 @@ def fit(trainer, train, val, step, *, batch_size, seed, should_stop=lambda: Fals
             net = _network(trainer.model, step)
         if (vote.finish(should_stop()) if vote else should_stop()) and not trainer.stop \
                 and trainer.epoch < trainer.epochs:
-            raise Preempted(f"stopped after epoch {trainer.epoch}")
+            raise Preempted(f"{trainer.name}: stopped after epoch {trainer.epoch}")
     if trainer.best["state"] is not None:
         trainer.model.load_state_dict(trainer.best["state"])
     return trainer
