@@ -1,6 +1,7 @@
 """Stop signals (SIGUSR1/SIGTERM, as Slurm and ``mpirun`` deliver them) never kill a rank of
-``ddmpi train``: at start-up the run stops at its first batch, during rank 0's coarse phase it
-finishes. The rank logs record preemption and resume."""
+``ddmpi train`` or ``ddmpi compare``: at start-up the run stops at its first batch, during
+rank 0's coarse phase it finishes, and ``compare`` exits 75 naming the run it stopped. The rank
+logs record preemption, resume and fatal errors."""
 
 import signal
 import subprocess
@@ -46,6 +47,21 @@ SLOW_COARSE = textwrap.dedent("""
     from ddmpi.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
+
+# every rank signals itself as it starts its first local CNN (srun signals every task)
+SIGNAL_IN_LOCAL_TRAINING = textwrap.dedent("""
+    import os, signal, sys
+    import ddmpi.strategies.local as local
+
+    original = local.train_subdomain
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return original(*args, **kwargs)
+    local.train_subdomain = signalled
+    from ddmpi.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
 
 def _script(tmp_path, name, text):
     path = tmp_path / name
@@ -96,3 +112,20 @@ def test_signal_during_the_coarse_phase_lets_the_run_finish(tmp_path):
     assert proc.returncode == 0, output
     assert (run / "metrics.json").exists()
     assert "stop signal received after the local CNNs were done" in output
+
+
+@pytest.mark.timeout(300)
+def test_compare_stopped_by_a_signal_exits_75_without_traceback(tmp_path):
+    data = write_digits_h5(tmp_path / "digits.h5")
+    run = tmp_path / "cmp"
+    cmd, env = mpirun(2, "python", _script(tmp_path, "local.py", SIGNAL_IN_LOCAL_TRAINING),
+                      "compare", "--config", "quickstart", "--set", f"data.path={data}",
+                      *SMALL, "--strategies", "cnn_dnn", "--seeds", "1", "--run-dir", str(run))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 75, output
+    assert "Traceback" not in output and "MPI_ABORT" not in output
+    message = ("ddmpi compare stopped by a signal in cnn_dnn, seed 0 (subdomain 0: stopped at "
+               "epoch 1, batch 1); compare does not resume: run it again (exit 75)")
+    assert f"[ddmpi rank 0] {message}" in proc.stdout
+    assert message in (run / "seed0" / "cnn_dnn" / "logs" / "rank_00000.log").read_text()

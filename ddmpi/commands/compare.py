@@ -1,6 +1,8 @@
 """``ddmpi compare``: every strategy on one data set, over several seeds, with fair baselines.
 
 Runs go to ``RUN_DIR/seed<k>/<strategy>/``; the comparison (table, JSON, plot) to ``RUN_DIR``.
+A stop signal (:mod:`ddmpi.training.preemption`) ends it with exit 75 naming the run it
+stopped; ``compare`` does not resume (its wall times would mix two jobs): run it again.
 """
 
 import copy
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddmpi.commands import exit_preempted
 from ddmpi.config import ConfigError, dump, load_config
 from ddmpi.data.atomic import write_text
 from ddmpi.data.schema import open_h5, read_info
@@ -23,6 +26,8 @@ from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
 from ddmpi.strategies.global_ddp import cnn_dnn_budget, global_strategy, global_width
 from ddmpi.strategies.local import build_kwargs
+from ddmpi.training.loop import Preempted
+from ddmpi.training.preemption import EXIT_PREEMPTED
 
 # The rows compared with the CNN-DNN in paired tests, when present.
 PAIRED = ("global_ddp[compute]", "global_ddp[parameters]", "average_probabilities")
@@ -118,7 +123,7 @@ def run_compare(config, world):
                 print(f"=== ddmpi compare: {name}, seed {sub.run.seed}, {world.size} ranks",
                       flush=True)
             world.barrier()
-            result = run(cls, sub, world)
+            result = run_or_exit(cls, sub, world, name)
             world.barrier()
             runs.setdefault(name, []).append(result)
     if world.rank != 0:
@@ -131,6 +136,17 @@ def run_compare(config, world):
     print(f"comparison: {root / 'comparison.md'}, {root / 'comparison.json'}, "
           f"{root / 'comparison.png'}", flush=True)
     return comparison
+
+
+def run_or_exit(cls, config, world, name):
+    """:func:`~ddmpi.strategies.base.run` one strategy; after a stop signal, exit 75 saying
+    which run stopped and that the comparison must be run again."""
+    try:
+        return run(cls, config, world)
+    except Preempted as stop:
+        exit_preempted(world.rank, f"ddmpi compare stopped by a signal in {name}, seed "
+                       f"{config.run.seed} ({stop}); compare does not resume: run it again "
+                       f"(exit {EXIT_PREEMPTED})")
 
 
 def rows_of(name, result):
