@@ -16,7 +16,8 @@ def _config(data, run_dir, *overrides):
 
 def _earlier_run(run_dir):
     for name in ("checkpoints/local_008.pt", "decisions/local_008.npz", "scalars/s.csv",
-                 "metrics.json", "logs/rank_00000.log", "notes.txt"):
+                 "tensorboard/subdomain_8/events.out", "metrics.json", "logs/rank_00000.log",
+                 "notes.txt"):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("earlier run")
     (run_dir / "config.yaml").write_text("earlier: config\n")
@@ -29,8 +30,8 @@ def test_a_new_run_replaces_an_earlier_runs_outputs(digits_h5, tmp_path):
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert left == ["config.yaml", "dataset.json", "logs/rank_00000.log", "notes.txt"]
     log = (run_dir / "logs" / "rank_00000.log").read_text()
-    assert "held an earlier run: its checkpoints, decisions, scalars, metrics.json were " \
-           "removed (--resume continues a run instead)" in log
+    assert "held an earlier run: its checkpoints, decisions, scalars, tensorboard, metrics.json " \
+           "were removed (--resume continues a run instead)" in log
 
 
 def test_resume_keeps_the_earlier_runs_outputs(digits_h5, tmp_path):

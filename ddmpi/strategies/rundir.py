@@ -27,8 +27,9 @@ def decisions_path(run_dir, sub):
     return Path(run_dir) / "decisions" / f"local_{sub:03d}.npz"
 
 
-OUTPUTS = ("checkpoints", "decisions", "scalars", "plots", "metrics.json", "history.json",
-           "test_correct.npz", "dataset.json")  # a run's own files (logs are appended to)
+OUTPUTS = ("checkpoints", "decisions", "scalars", "tensorboard", "plots", "metrics.json",
+           "history.json", "test_correct.npz", "dataset.json")
+# a run's own files (logs are appended to)
 
 
 def clear_outputs(run_dir):
