@@ -25,11 +25,13 @@ from ddmpi.training.loop import Preempted
 
 
 def _stored_run(tmp_path):
+    """A run directory with its configuration and a checkpoint (a run to continue)."""
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
     config = load_config("quickstart", [f"data.path={tmp_path / 'digits.h5'}",
                                         f"run.dir={run}"])
     (run / "config.yaml").write_text(dump(config))
+    (run / "checkpoints" / "local_000.pt").write_text("trained")
     return run
 
 

@@ -102,6 +102,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
     _check_resumed_log(run, killed_at)
     final = json.loads((run / "metrics.json").read_text())
     assert _comparable(final) == _comparable(reference)
+    killed, resumed = final["segments"]  # the killed segment's end went unrecorded
+    assert (killed["resumed"], killed["end"], killed["wall_seconds"]) == (False, None, None)
+    assert (resumed["resumed"], resumed["end"]) == (True, "finished")
+    assert final["wall_seconds"] == resumed["wall_seconds"]
 
 
 @pytest.mark.timeout(120)
@@ -182,3 +186,11 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_metrics(tmp_path, 
     _check_resumed_log(run, None)
     final = json.loads((run / "metrics.json").read_text())
     assert _comparable(final) == _comparable(reference)
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # a finished run: evaluated again, recorded
+    final = json.loads((run / "metrics.json").read_text())
+    segments = final["segments"]
+    assert [(s["resumed"], s["end"]) for s in segments] == [
+        (False, "preempted"), (True, "finished"), (True, "finished")]
+    assert final["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in segments))

@@ -1,8 +1,16 @@
-"""``open_run``: what it does to the run directory, and the checks of config against data."""
+"""``open_run``: what it does to the run directory (fresh or resumed), and the checks of config
+against data."""
 
+import json
+import shutil
+
+import numpy as np
 import pytest
+from helpers import digits_arrays
 
-from ddmpi.config import ConfigError, load_config
+from ddmpi.commands.train import resolve_config
+from ddmpi.config import ConfigError, dump, load_config
+from ddmpi.data.schema import DatasetWriter
 from ddmpi.parallel.group import Group
 from ddmpi.strategies.base import open_run
 
@@ -14,13 +22,17 @@ def _config(data, run_dir, *overrides):
                                       "run.device=cpu", *overrides])
 
 
-def _earlier_run(run_dir):
+def _earlier_run(run_dir, config=None):
     for name in ("checkpoints/local_008.pt", "decisions/local_008.npz", "scalars/s.csv",
                  "tensorboard/subdomain_8/events.out", "metrics.json", "logs/rank_00000.log",
                  "notes.txt"):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("earlier run")
-    (run_dir / "config.yaml").write_text("earlier: config\n")
+    (run_dir / "config.yaml").write_text(dump(config) if config else "earlier: config\n")
+
+
+def _log(run_dir):
+    return (run_dir / "logs" / "rank_00000.log").read_text()
 
 
 def test_a_new_run_replaces_an_earlier_runs_outputs(digits_h5, tmp_path):
@@ -28,18 +40,102 @@ def test_a_new_run_replaces_an_earlier_runs_outputs(digits_h5, tmp_path):
     _earlier_run(run_dir)
     open_run(_config(digits_h5, run_dir), SELF)
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    assert left == ["config.yaml", "dataset.json", "logs/rank_00000.log", "notes.txt"]
-    log = (run_dir / "logs" / "rank_00000.log").read_text()
+    assert left == ["config.yaml", "dataset.json", "logs/rank_00000.log", "notes.txt",
+                    "segments.json"]
     assert "held an earlier run: its checkpoints, decisions, scalars, tensorboard, metrics.json " \
-           "were removed (--resume continues a run instead)" in log
+           "were removed (--resume continues a run instead)" in _log(run_dir)
 
 
-def test_resume_keeps_the_earlier_runs_outputs(digits_h5, tmp_path):
+def test_resume_keeps_the_earlier_runs_outputs_and_updates_its_config(digits_h5, tmp_path):
     run_dir = tmp_path / "run"
-    _earlier_run(run_dir)
-    open_run(_config(digits_h5, run_dir), SELF, resume=True)
+    _earlier_run(run_dir, _config(digits_h5, run_dir, "data.in_memory=false"))
+    config = _config(digits_h5, run_dir)
+    assert open_run(config, SELF, resume=True).resume
     assert (run_dir / "checkpoints" / "local_008.pt").exists()
-    assert (run_dir / "config.yaml").read_text() == "earlier: config\n"
+    assert (run_dir / "config.yaml").read_text() == dump(config)
+    assert "resumed with changed fields (config.yaml updated): data.in_memory False -> " \
+           "'auto'" in _log(run_dir)
+
+
+def test_a_configuration_error_leaves_no_config_behind(digits_h5, tmp_path):
+    with pytest.raises(ValueError, match="not-a-file.h5"):
+        open_run(_config(tmp_path / "not-a-file.h5", tmp_path / "run"), SELF)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_resume_where_nothing_was_trained_starts_afresh(digits_h5, tmp_path):
+    """A run that failed before training (wrong rank count, say) binds nothing."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump(_config(digits_h5, run_dir, "local.epochs=1")))
+    config = resolve_config("quickstart", [f"data.path={digits_h5}", "run.device=cpu"], run_dir)
+    assert config.local.epochs != 1
+    assert not open_run(config, SELF, resume=True).resume
+    assert (run_dir / "config.yaml").read_text() == dump(config)
+    assert "holds no checkpoint: nothing to resume, starting the run afresh" in _log(run_dir)
+
+
+def test_resume_and_a_different_run_dir_are_refused(digits_h5, tmp_path):
+    with pytest.raises(ConfigError, match=r"--resume .*p1 and run.dir .*B \(--run-dir or "
+                                          r"--set\) name different run directories"):
+        resolve_config("quickstart", [f"data.path={digits_h5}", f"run.dir={tmp_path / 'B'}"],
+                       tmp_path / "p1")
+
+
+def _other_split(path):
+    """The digits of ``digits_h5`` split differently: another data set, same classes and shapes."""
+    images, labels = digits_arrays()
+    order = np.random.default_rng(1).permutation(len(images))
+    n_train, n_val = int(0.7 * len(order)), int(0.15 * len(order))
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
+             "test": order[n_train + n_val:]}
+    with DatasetWriter(path, name="digits", classes=[str(d) for d in range(10)],
+                       converter="tests.conftest", provenance={"source": "sklearn"}) as writer:
+        for split, idx in parts.items():
+            writer.write_split(split, images[idx], labels[idx], ids=[str(i) for i in idx])
+    return path
+
+
+def _trained_run(run_dir, data):
+    """A run directory of ``data`` holding a checkpoint."""
+    open_run(_config(data, run_dir), SELF)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "local_000.pt").write_text("trained")
+
+
+def test_resume_refuses_another_data_set_under_the_same_path(digits_h5, tmp_path):
+    data = tmp_path / "data.h5"
+    shutil.copy(digits_h5, data)
+    _trained_run(tmp_path / "run", data)
+    _other_split(data)
+    with pytest.raises(ConfigError, match=rf"'data.path': {data} is not the data set this run "
+                                          rf"trained on \({data}, recorded in .*dataset.json\): "
+                                          r"its .*fingerprint differ"):
+        open_run(_config(data, tmp_path / "run"), SELF, resume=True)
+
+
+def test_resume_takes_the_same_data_set_under_a_new_path(digits_h5, tmp_path):
+    run_dir, moved = tmp_path / "run", tmp_path / "scratch" / "digits.h5"
+    _trained_run(run_dir, digits_h5)
+    moved.parent.mkdir()
+    shutil.copy(digits_h5, moved)
+    config = resolve_config(None, [f"data.path={moved}"], run_dir)
+    assert open_run(config, SELF, resume=True).resume
+    assert json.loads((run_dir / "dataset.json").read_text())["path"] == str(moved)
+    assert load_config(run_dir / "config.yaml").data.path == str(moved)
+    assert f"data.path '{digits_h5}' -> '{moved}'" in _log(run_dir)
+
+
+def test_segments_record_every_start_of_a_run(digits_h5, tmp_path):
+    from ddmpi.strategies.rundir import end_segment
+
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, digits_h5)
+    end_segment(run_dir, 5.0, "preempted")
+    open_run(_config(digits_h5, run_dir), SELF, resume=True)
+    segments = end_segment(run_dir, 2.0, "finished")
+    assert [(s["resumed"], s["ranks"], s["wall_seconds"], s["end"]) for s in segments] == [
+        (False, 1, 5.0, "preempted"), (True, 1, 2.0, "finished")]
 
 
 def test_flip_axes_must_be_axes_of_the_data(digits_h5, tmp_path):

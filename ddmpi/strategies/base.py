@@ -4,6 +4,7 @@
     -> strategy.evaluate() -> gather timings -> metrics.json, history.json, scalars, plots
 """
 
+import hashlib
 import json
 import resource
 import time
@@ -20,10 +21,19 @@ from ddmpi.config import ConfigError, dump, to_dict
 from ddmpi.data.atomic import write_text
 from ddmpi.data.augment import Augmenter
 from ddmpi.data.decomposition import Decomposition
-from ddmpi.data.schema import SPLITS, read_info
+from ddmpi.data.schema import SPLITS, open_h5, read_info
 from ddmpi.parallel import cluster
 from ddmpi.report import output as report
-from ddmpi.strategies.rundir import check_writable, clear_outputs, rank_logger
+from ddmpi.strategies.rundir import (
+    check_same_dataset,
+    check_writable,
+    clear_outputs,
+    end_segment,
+    holds_a_run,
+    rank_logger,
+    start_segment,
+    update_config,
+)
 from ddmpi.training import preemption
 from ddmpi.training.loop import Preempted, Step
 
@@ -39,9 +49,11 @@ class RunResult:
     flops_per_sample: Optional[float]     # training FLOPs (forward + backward) per sample
     history: Dict[str, List[dict]]        # name -> per-epoch records (with "elapsed")
     extra: dict = field(default_factory=dict)
-    wall_seconds: float = 0.0
-    timings: Dict[str, dict] = field(default_factory=dict)  # rank -> phase -> seconds
-    peak_memory_mb: Dict[str, float] = field(default_factory=dict)  # rank -> peak RSS/GPU
+    wall_seconds: float = 0.0             # over the segments (a resumed run has several)
+    segments: List[dict] = field(default_factory=list)  # RUN_DIR/segments.json
+    # of the last segment: rank -> phase -> seconds, rank -> peak RSS (and GPU) MiB
+    timings: Dict[str, dict] = field(default_factory=dict)
+    peak_memory_mb: Dict[str, float] = field(default_factory=dict)
 
     def metrics(self):
         """metrics.json's body (per-sample arrays left out)."""
@@ -127,16 +139,22 @@ def run(strategy_cls, config, world, resume=False):
     ctx = open_run(config, world, resume)
     preemption.install()
     strategy = strategy_cls(ctx)
-    with ctx.timer("train"):
-        strategy.train()
-    ctx.preemption_point()
-    with ctx.timer("evaluate"):
-        result = strategy.evaluate()
+    try:
+        with ctx.timer("train"):
+            strategy.train()
+        ctx.preemption_point()
+        with ctx.timer("evaluate"):
+            result = strategy.evaluate()
+    except Preempted:
+        if world.rank == 0:
+            end_segment(ctx.run_dir, ctx.elapsed(), "preempted")
+        raise
     timings = world.gather(dict(ctx.timer.seconds))
     memory = world.gather(peak_memory_mb(ctx.device))
     if world.rank != 0:
         return None
-    result.wall_seconds = ctx.elapsed()
+    result.segments = end_segment(ctx.run_dir, ctx.elapsed(), "finished")
+    result.wall_seconds = sum(s["wall_seconds"] or 0.0 for s in result.segments)
     result.timings = {str(r): t for r, t in enumerate(timings)}
     result.peak_memory_mb = {str(r): m for r, m in enumerate(memory)}
     write_outputs(ctx, result)
@@ -152,39 +170,63 @@ def peak_memory_mb(device):
 
 
 def open_run(config, world, resume=False):
-    """Collective: check the run directory, store the configuration, open this rank's log,
-    read the data set's header, bind device and threads."""
+    """Collective: read and check the data set's header, prepare the run directory (see
+    :func:`prepare_run_dir`), open this rank's log, bind device and threads."""
     run_dir = Path(config.run.dir)
-    error, replaced = None, []
-    if world.rank == 0:
-        try:
-            check_writable(run_dir)
-            earlier = (run_dir / "config.yaml").exists()
-            if not (resume and earlier):
-                replaced = clear_outputs(run_dir) if earlier else []
-                write_text(run_dir / "config.yaml", dump(config))
-        except (ValueError, OSError) as err:
-            error = err
-    error = world.bcast(error)
-    if error is not None:
-        raise error
-    log = rank_logger(run_dir, world.rank, console=world.rank == 0)
-    if replaced:
-        log.warning(f"{run_dir} held an earlier run: its {', '.join(replaced)} were removed "
-                    f"(--resume continues a run instead)")
     info = read_info(config.data.path)
     missing = [s for s in SPLITS if s not in info.splits]
     if missing:
         raise ConfigError(f"config field 'data.path': {info.path} has no {missing[0]!r} split "
                           f"(it has {list(info.splits)})")
     _check_augment(config, info)
+    outcome = None
+    if world.rank == 0:
+        try:
+            outcome = prepare_run_dir(config, info, resume, world.size)
+        except (ValueError, OSError) as err:
+            outcome = err
+    outcome = world.bcast(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    resume, notes = outcome
+    log = rank_logger(run_dir, world.rank, console=world.rank == 0)
+    for note in notes:
+        log.warning(note)
     binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
     log.info(str(binding))
     if config.run.amp is True and binding.device.type != "cuda":
         log.warning(f"run.amp: bf16 autocast is for CUDA; {binding.device} trains in float32")
-    if world.rank == 0:
-        write_text(run_dir / "dataset.json", json.dumps(dataset_record(info), indent=2))
     return RunContext(config, world, run_dir, log, info, binding, resume)
+
+
+def prepare_run_dir(config, info, resume, ranks):
+    """Rank 0: check the run directory and store the configuration and the data set's record;
+    return whether the run continues (``resume`` and a checkpoint there) and notes to log.
+
+    A continued run must have the same data set (under any path); a new one removes an earlier
+    run's outputs."""
+    run_dir = Path(config.run.dir)
+    check_writable(run_dir)
+    record, notes = dataset_record(info), []
+    if resume and holds_a_run(run_dir):
+        check_same_dataset(run_dir, record)
+        changed = update_config(run_dir, config)
+        if changed:
+            notes.append("resumed with changed fields (config.yaml updated): " + ", ".join(
+                f"{key} {old!r} -> {new!r}" for key, old, new in changed))
+    else:
+        if resume:
+            notes.append(f"{run_dir} holds no checkpoint: nothing to resume, starting the run "
+                         f"afresh with the given configuration")
+        replaced = clear_outputs(run_dir) if (run_dir / "config.yaml").exists() else []
+        if replaced:
+            notes.append(f"{run_dir} held an earlier run: its {', '.join(replaced)} were removed "
+                         f"(--resume continues a run instead)")
+        write_text(run_dir / "config.yaml", dump(config))
+        resume = False
+    write_text(run_dir / "dataset.json", json.dumps(record, indent=2))
+    start_segment(run_dir, ranks, resume)
+    return resume, notes
 
 
 def _check_augment(config, info):
@@ -196,13 +238,29 @@ def _check_augment(config, info):
 
 
 def dataset_record(info):
-    """What ``ddmpi predict`` needs of the training data: classes, shape, statistics, options."""
+    """What ``ddmpi predict`` needs of the training data (classes, shape, statistics, options)
+    and what identifies it on resume (also split sizes and a fingerprint of labels and ids)."""
     provenance = json.loads(info.attrs.get("provenance", "{}") or "{}")
     return {"path": str(info.path), "name": info.name, "classes": info.classes,
             "channels": info.channels, "spatial_shape": list(info.spatial_shape),
             "mean": info.mean.tolist(), "std": info.std.tolist(),
             "preprocessing": provenance.get("options", {}),
-            "converter": info.attrs.get("converter")}
+            "converter": info.attrs.get("converter"), "splits": dict(info.splits),
+            "fingerprint": dataset_fingerprint(info.path)}
+
+
+def dataset_fingerprint(path):
+    """sha256 of every split's labels and sample ids (no image bytes are read): a different
+    split or selection of samples has another."""
+    digest = hashlib.sha256()
+    with open_h5(path) as f:
+        for split in SPLITS:
+            if split not in f:
+                continue
+            digest.update(f[split]["labels"][()].astype("<i8").tobytes())
+            if "ids" in f[split]:
+                digest.update(b"\0".join(f[split]["ids"][()].astype(bytes)))
+    return digest.hexdigest()
 
 
 def decomposition_of(config, info):
@@ -236,4 +294,6 @@ def write_outputs(ctx, result):
                               m["confusion_matrix"], info.classes, f"{name} (test)")
     ctx.log.info("\n" + report.results_table(
         {name: m["accuracy"] for name, m in result.combiners.items()}))
-    ctx.log.info(f"run directory: {run_dir} ({result.wall_seconds:.1f} s)")
+    segments = len(result.segments)
+    over = f" over {segments} segments" if segments > 1 else ""
+    ctx.log.info(f"run directory: {run_dir} ({result.wall_seconds:.1f} s{over})")

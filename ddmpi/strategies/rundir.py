@@ -1,10 +1,15 @@
 """The run directory: its checks, per-rank logs, and where every file of a run lives."""
 
+import json
 import logging
 import shutil
 import sys
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
+
+from ddmpi.config import ConfigError, differences, dump, load_config, to_dict
+from ddmpi.data.atomic import write_text
 
 MIN_FREE_BYTES = 64 << 20
 
@@ -28,8 +33,37 @@ def decisions_path(run_dir, sub):
 
 
 OUTPUTS = ("checkpoints", "decisions", "scalars", "tensorboard", "plots", "metrics.json",
-           "history.json", "test_correct.npz", "dataset.json")
+           "history.json", "test_correct.npz", "dataset.json", "segments.json")
 # a run's own files (logs are appended to)
+
+
+def holds_a_run(run_dir):
+    """Whether ``run_dir`` holds a run to continue: its configuration and a checkpoint (a
+    directory where nothing was trained, say after a configuration error, holds none)."""
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    return (run_dir / "config.yaml").is_file() and checkpoints.is_dir() and any(
+        checkpoints.glob("*.pt"))
+
+
+def start_segment(run_dir, ranks, resumed):
+    """Record in ``RUN_DIR/segments.json`` that a segment of the run starts (a fresh run
+    starts the list anew)."""
+    path = Path(run_dir) / "segments.json"
+    segments = json.loads(path.read_text()) if resumed and path.is_file() else []
+    segments.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "ranks": ranks, "resumed": resumed, "wall_seconds": None, "end": None})
+    write_text(path, json.dumps(segments, indent=2))
+
+
+def end_segment(run_dir, wall_seconds, end):
+    """Record the wall time and the ``end`` ("finished", "preempted") of the current segment;
+    return every segment so far."""
+    path = Path(run_dir) / "segments.json"
+    segments = json.loads(path.read_text())
+    segments[-1].update(wall_seconds=wall_seconds, end=end)
+    write_text(path, json.dumps(segments, indent=2))
+    return segments
 
 
 def clear_outputs(run_dir):
@@ -46,6 +80,30 @@ def clear_outputs(run_dir):
             continue
         removed.append(name)
     return removed
+
+
+def update_config(run_dir, config):
+    """On resume: rewrite ``RUN_DIR/config.yaml`` (atomically) to hold ``config``; return the
+    fields in which it differed (``(key, old, new)``)."""
+    path = Path(run_dir) / "config.yaml"
+    changed = list(differences(to_dict(load_config(path)), to_dict(config)))
+    if changed:
+        write_text(path, dump(config))
+    return changed
+
+
+def check_same_dataset(run_dir, record):
+    """On resume: the data set of ``record`` (see ``base.dataset_record``) is the one recorded
+    in ``RUN_DIR/dataset.json`` (its path may differ); a config error naming both otherwise."""
+    path = Path(run_dir) / "dataset.json"
+    if not path.is_file():
+        return
+    stored, record = json.loads(path.read_text()), json.loads(json.dumps(record))
+    changed = [key for key in stored if key != "path" and stored[key] != record.get(key)]
+    if changed:
+        raise ConfigError(f"config field 'data.path': {record['path']} is not the data set "
+                          f"this run trained on ({stored['path']}, recorded in {path}): its "
+                          f"{', '.join(changed)} differ; a resumed run keeps its data set")
 
 
 class RunDirError(ValueError):
