@@ -79,7 +79,6 @@ def test_sub_communicator_uses_its_own_split(comm):
 def test_each_rank_gets_its_own_gpu_when_there_are_enough(comm):
     local_rank, local_size, _ = node_local_rank(comm)
     devices = comm.allgather(str(select_device(local_rank, "auto", num_gpus=local_size,
-                                               local_size=local_size, gpus_per_rank=1,
                                                environ={})))
     assert_all(comm, sorted(devices) == sorted({f"cuda:{i}" for i in range(comm.Get_size())}),
                f"devices {devices}")
