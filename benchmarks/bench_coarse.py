@@ -49,7 +49,6 @@ RESULTS = ROOT / "benchmarks" / "RESULTS-coarse.md"
 
 SEEDS = (0, 1, 2)
 PER_CLASS = (10, 50, 500)
-GRIDS = ((2, 2), (4, 4))
 SELECT_PER_CLASS = 100
 VAL_FRACTION = 0.2
 SELECT_SEED = 12345

@@ -5,7 +5,7 @@ import numpy as np
 from ddmpi.coarse import combiners
 
 
-def test_majority_vote_with_ties():
+def test_vote_shares_with_ties():
     # 3 subdomains, 2 samples, 3 classes
     probs = np.array([
         [[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]],
@@ -13,7 +13,10 @@ def test_majority_vote_with_ties():
         [[0.1, 0.1, 0.8], [0.0, 0.1, 0.9]],
     ])
     # sample 0: votes 0,0,2 -> 0; sample 1: votes 0,1,2 tie -> largest summed prob: class 1 (1.3)
-    assert combiners.majority_vote(probs).tolist() == [0, 1]
+    shares = combiners.vote_shares(probs)
+    assert shares.argmax(1).tolist() == [0, 1]
+    np.testing.assert_allclose(shares.sum(1), 1.0)
+    np.testing.assert_allclose(shares[0, :2], [2 / 3, 0], atol=2e-3)
 
 
 def test_average_probabilities():

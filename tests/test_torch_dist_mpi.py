@@ -9,7 +9,6 @@ from helpers import assert_all
 from ddmpi.parallel.torch_dist import (
     init_torch_distributed,
     new_group_from_comm,
-    split_with_group,
     torch_distributed,
 )
 
@@ -72,7 +71,9 @@ def test_subgroups_match_mpi_sub_communicators(comm):
         assert_all(comm, y.item() == root_world, f"broadcast {y.item()} vs {root_world}")
 
         # A second split, with COMM_NULL on half of the ranks (like a leaders' communicator).
-        leaders, lgroup = split_with_group(comm, 0 if comm.rank % 2 == 0 else MPI.UNDEFINED)
+        leaders = comm.Split(0 if comm.rank % 2 == 0 else MPI.UNDEFINED, comm.rank)
+        lgroup = new_group_from_comm(comm, leaders)
+        leaders = None if leaders == MPI.COMM_NULL else leaders
         is_leader = comm.rank % 2 == 0
         assert_all(comm, (lgroup is not None) == is_leader and (leaders is not None) == is_leader,
                    "leader group membership")

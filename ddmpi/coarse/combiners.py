@@ -11,13 +11,19 @@ import numpy as np
 EPS = 1e-6
 
 
-def majority_vote(probs):
-    """Class chosen by most local CNNs; ties go to the tied class with the largest summed prob."""
+def vote_shares(probs):
+    """Majority vote as probabilities, (N, K): each class's share of the local CNNs' votes.
+
+    Ties go to the tied class with the largest summed probability (a tie-break below one vote);
+    shares are clipped at EPS and normalised, so that log-likelihoods stay finite.
+    """
+    probs = np.asarray(probs)
     s, n, k = probs.shape
     votes = np.zeros((n, k))
     np.add.at(votes, (np.arange(n)[None, :].repeat(s, 0), probs.argmax(2)), 1.0)
-    tie_break = probs.sum(0) / (s + 1.0)  # < 1: only decides between equal vote counts
-    return (votes + tie_break).argmax(1)
+    shares = (votes + probs.sum(0) / (s + 1.0) * 1e-3) / s
+    shares = np.maximum(shares, EPS)
+    return shares / shares.sum(1, keepdims=True)
 
 
 def average_probabilities(probs):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from scipy.stats import binomtest
 from torch import nn
 
-from ddmpi.coarse.combiners import EPS, average_probabilities
+from ddmpi.coarse.combiners import EPS, average_probabilities, vote_shares
 
 COMBINERS = ("cnn_dnn", "average_probabilities", "majority_vote")
 
@@ -126,16 +126,6 @@ def holdout_indices(labels, honest, fraction, seed):
     return pool[stratified_holdout(labels[pool], fraction, seed)]
 
 
-def _vote_probabilities(probs):
-    """Vote shares per class (ties broken as in majority_vote), clipped at EPS and normalised."""
-    s, n, k = probs.shape
-    votes = np.zeros((n, k))
-    np.add.at(votes, (np.arange(n)[None, :].repeat(s, 0), probs.argmax(2)), 1.0)
-    shares = (votes + probs.sum(0) / (s + 1.0) * 1e-3) / s
-    shares = np.maximum(shares, EPS)
-    return shares / shares.sum(1, keepdims=True)
-
-
 def _scores(p, labels):
     """Accuracy, mean negative log-likelihood and per-sample correctness of probabilities."""
     labels = np.asarray(labels)
@@ -235,7 +225,7 @@ def train_coarse(probs, labels, cfg, *, seed, device="cpu", honest=None):
     hp, hy = probs[:, hold], labels[hold]
     scores = {"cnn_dnn": _scores(predict_coarse(model, hp, device), hy),
               "average_probabilities": _scores(average_probabilities(hp), hy),
-              "majority_vote": _scores(_vote_probabilities(hp), hy)}
+              "majority_vote": _scores(vote_shares(hp), hy)}
     chosen, test = _choose(scores, cfg.fallback)
     holdout = {"indices": hold.tolist(), "fallback_test": test,
                "honest": bool(honest is not None and np.all(np.asarray(honest)[hold])),
@@ -252,11 +242,6 @@ def predict_coarse(model, probs, device="cpu"):
     return torch.softmax(model(x).double(), dim=1).cpu().numpy()
 
 
-def predict_chosen(fit, probs, device="cpu"):
-    """Global class probabilities (N, K) of the combiner ``fit.chosen`` (vote shares for votes)."""
-    return combine(fit.chosen, fit.model, probs, device)
-
-
 def combine(name, model, probs, device="cpu"):
     """Global class probabilities (N, K) of combiner ``name`` on local decisions (S, N, K)."""
     if name == "cnn_dnn":
@@ -264,5 +249,5 @@ def combine(name, model, probs, device="cpu"):
     if name == "average_probabilities":
         return average_probabilities(np.asarray(probs))
     if name == "majority_vote":
-        return _vote_probabilities(np.asarray(probs))
+        return vote_shares(probs)
     raise ValueError(f"unknown combiner {name!r} (one of {', '.join(COMBINERS)})")

@@ -221,14 +221,6 @@ class Decomposition:
         """Spatial shape of a subdomain (including its overlap)."""
         return tuple(s.stop - s.start for s in self.slices(subdomain))
 
-    def core_shape(self, subdomain):
-        """Spatial shape of a subdomain's core."""
-        return tuple(s.stop - s.start for s in self.core_slices(subdomain))
-
-    def subdomain_shapes(self):
-        """Spatial shape of every subdomain, by linear number."""
-        return [self.subdomain_shape(s) for s in range(self.num_subdomains)]
-
     def extract(self, array, subdomain, core=False):
         """The subdomain of ``array`` whose last ``ndim`` axes are the image's spatial axes
         (``(H, W)``, ``(C, H, W)``, ``(N, C, H, W)``, ...): a numpy view / torch view."""

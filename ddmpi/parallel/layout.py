@@ -27,14 +27,6 @@ def assign_subdomains(num_subdomains, num_ranks):
             for r in range(num_ranks)]
 
 
-def owner_of(subdomain, num_subdomains, num_ranks):
-    """Rank that owns ``subdomain`` under :func:`assign_subdomains`."""
-    for rank, owned in enumerate(assign_subdomains(num_subdomains, num_ranks)):
-        if subdomain in owned:
-            return rank
-    raise MappingError(f"subdomain {subdomain} out of range 0..{num_subdomains - 1}")
-
-
 @dataclass
 class Layout:
     """This rank's place: its subdomains, its replica group and the decision holders."""

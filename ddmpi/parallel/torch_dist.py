@@ -258,16 +258,3 @@ def new_group_from_comm(comm, sub_comm, timeout_s=None):
         raise TorchDistError(f"torch group rank {dist.get_rank(mine)} != MPI sub-communicator "
                              f"rank {sub_comm.rank}")
     return mine
-
-
-def split_with_group(comm, color, key=None):
-    """Collective over ``comm``: ``comm.Split(color, key)`` plus the matching torch subgroup.
-
-    ``color`` may be ``MPI.UNDEFINED`` (sub-communicator and group are then None). Returns
-    ``(sub_comm, group)``.
-    """
-    from mpi4py import MPI
-
-    sub = comm.Split(color, comm.rank if key is None else key)
-    group = new_group_from_comm(comm, sub)
-    return (None if sub == MPI.COMM_NULL else sub), group
