@@ -54,6 +54,16 @@ def test_cli_resume_with_a_changed_grid_names_the_field(tmp_path):
     assert "decomposition.grid" in proc.stderr
 
 
+def test_cli_bare_resume_with_run_dir_continues_that_directory(tmp_path):
+    """``--run-dir RUN --resume`` (no --config) means ``--resume RUN``: the stored grid binds."""
+    run = _stored_run(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "ddmpi", "train", "--run-dir", str(run),
+                           "--resume", "--set", "decomposition.grid=[4,4]"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "decomposition.grid" in proc.stderr and "required" not in proc.stderr
+
+
 # ---------------------------------------------------- 2. pickled code in a checkpoint refused
 
 

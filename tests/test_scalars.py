@@ -39,10 +39,12 @@ def test_rows_are_flushed_and_resumed_file_keeps_header(tmp_path):
         writer.add(2, {"loss": 0.5})
     with ScalarWriter(tmp_path, "coarse") as resumed:
         resumed.add(2, {"acc": 0.2, "loss": 0.5})
-        with pytest.raises(ValueError, match="new_metric"):
-            resumed.add(3, {"loss": 0.4, "new_metric": 1.0})
     assert _read(tmp_path / "scalars" / "coarse.csv") == [
         ["epoch", "loss", "acc"], ["1", "1.0", "0.1"], ["2", "0.5", "0.2"]]
+    with ScalarWriter(tmp_path, "fresh") as writer:
+        writer.add(1, {"loss": 1.0})
+        with pytest.raises(ValueError, match="new_metric"):  # a new file's columns are fixed
+            writer.add(2, {"loss": 0.4, "new_metric": 1.0})
 
 
 def test_bad_arguments(tmp_path):
@@ -80,3 +82,15 @@ def test_missing_tensorboard_gives_clear_error(tmp_path, monkeypatch):
         ScalarWriter(tmp_path, "y", tensorboard=True)
     with ScalarWriter(tmp_path, "y") as writer:  # CSV alone still works
         writer.add(1, {"a": 1.0})
+
+
+def test_resumed_file_of_an_older_version_keeps_its_columns(tmp_path, caplog):
+    """A run resumed after an upgrade that added a scalar: its CSV keeps the old header."""
+    path = tmp_path / "scalars" / "subdomain_0.csv"
+    path.parent.mkdir()
+    path.write_text("epoch,train_loss\n1,0.9\n")
+    with ScalarWriter(tmp_path, "subdomain_0") as writer:
+        writer.add(2, {"train_loss": 0.5, "resolution": 1.0})
+        writer.add(3, {"train_loss": 0.4, "resolution": 1.0})
+    assert _read(path) == [["epoch", "train_loss"], ["1", "0.9"], ["2", "0.5"], ["3", "0.4"]]
+    assert sum("left out" in r.message for r in caplog.records) == 1

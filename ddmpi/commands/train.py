@@ -48,8 +48,8 @@ def main(args, world):
     """Entry of ``ddmpi train``; exits 75 after a preemption (checkpoints written)."""
     overrides = list(args.set or []) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
     resume_dir = args.resume
-    if resume_dir == RESUME_IF_POSSIBLE:
-        resume_dir = load_config(args.config, overrides).run.dir
+    if resume_dir == RESUME_IF_POSSIBLE:  # --resume alone: --run-dir, else the config's run.dir
+        resume_dir = args.run_dir or load_config(args.config, overrides).run.dir
     config = resolve_config(args.config, overrides, resume_dir)
     try:
         run(CNNDNN, config, world, resume=resume_dir is not None)

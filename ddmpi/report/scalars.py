@@ -4,10 +4,13 @@ The CSV file is appended to row by row (flushed each time), so a resumed run con
 """
 
 import csv
+import logging
 import os
 from numbers import Integral, Real
 
 __all__ = ["ScalarWriter"]
+
+log = logging.getLogger(__name__)
 
 
 def _summary_writer_class():
@@ -30,7 +33,9 @@ def _existing_header(path):
 class ScalarWriter:
     """Append ``{name: value}`` scalars per epoch to a CSV file (and TensorBoard if asked).
 
-    The columns are ``epoch`` plus the keys of the first row (or of an existing file's header).
+    The columns are ``epoch`` plus the keys of the first row (other keys later are an error), or
+    an existing file's header: a run resumed by a newer ddmpi keeps its file's columns, and
+    scalars the file lacks are left out of it (with a warning).
     """
 
     def __init__(self, run_dir, name, tensorboard=False):
@@ -39,6 +44,7 @@ class ScalarWriter:
         self.path = os.path.join(os.fspath(run_dir), "scalars", f"{name}.csv")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.columns = _existing_header(self.path)
+        self._resumed, self._left_out = self.columns is not None, set()
         self._tb = None
         if tensorboard:
             log_dir = os.path.join(os.fspath(run_dir), "tensorboard", name)
@@ -58,10 +64,13 @@ class ScalarWriter:
         if self.columns is None:
             self.columns = ["epoch"] + list(values)
             self._csv.writerow(self.columns)
-        new = [key for key in values if key not in self.columns]
-        if new:
+        new = [key for key in values if key not in self.columns and key not in self._left_out]
+        if new and not self._resumed:
             raise ValueError(f"scalars {new} are not columns of {self.path} "
                              f"(columns: {self.columns[1:]})")
+        if new:
+            log.warning(f"{self.path} was started without the columns {new}: left out of it")
+            self._left_out.update(new)
         row = {"epoch": int(epoch), **values}
         self._csv.writerow([row.get(column, "") for column in self.columns])
         self._file.flush()
