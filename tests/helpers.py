@@ -1,10 +1,13 @@
-"""Helpers shared by the test modules: real-data locations and collective MPI assertions."""
+"""Helpers shared by the test modules: real-data locations, collective MPI assertions and an
+operator counter (also used by benchmarks/bench_step.py)."""
 
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SHARED_DATA = Path(os.environ.get(
     "DDMPI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -106,3 +109,26 @@ def serial_context(run_dir, overrides=(), resume=False):
     return RunContext(config, Group.single(), Path(run_dir), logging.getLogger("ddmpi.tests"),
                       SimpleNamespace(spatial_dims=2), SimpleNamespace(device=torch.device("cpu")),
                       resume)
+
+
+# ------------------------------------------------ operators a block of code dispatches
+# (tests/test_defects.py and benchmarks/bench_step.py hold the training step lean with it)
+
+_NO_KERNEL = {torch.ops.aten.detach, torch.ops.aten.lift_fresh}
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts dispatched operators (views and detaches excluded: they launch nothing) and
+    tensor-to-scalar reads (``item``, ``float``, ``bool``, ``int``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+        self.scalar_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket not in _NO_KERNEL:
+            self.launches += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.scalar_reads += 1
+        return func(*args, **(kwargs or {}))

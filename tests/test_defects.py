@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_digits_h5
-from helpers import assert_all
+from helpers import OperatorCounter, assert_all
 from mpi4py import MPI
 
 from ddmpi.config import ConfigError, dump, load_config
 from ddmpi.parallel.group import Group
 from ddmpi.training import preemption
 from ddmpi.training.checkpoint import load_checkpoint
-from ddmpi.training.dispatch import OperatorCounter
 from ddmpi.training.loop import Preempted
 
 # ------------------------------------------------ 1. --resume refuses a changed decomposition
