@@ -168,6 +168,11 @@ def test_allgatherv_and_gatherv_rows(group):
     check(world, ok, f"gatherv_rows {None if got is None else got.shape}")
     with pytest.raises(TypeError, match="float32/float64"):
         g.allgatherv(np.zeros((1, 2), np.int64), [1] * g.size)     # refused before any call
+    for n in (0, 1, 7):                                # row shares gather back in order
+        share = np.arange(n, dtype=np.float32)[g.row_share(n)].reshape(-1, 1)
+        got = g.gatherv_rows(share)
+        ok = got.ravel().tolist() == list(range(n)) if g.rank == 0 else got is None
+        check(world, ok, f"row_share({n})")
 
 
 def test_gather_decisions(group):

@@ -76,8 +76,7 @@ def predict(run_dir, inputs, world, split="test", combiner="chosen"):
 
 def _predict_global(run_dir, images, world):
     """The global CNN's probabilities on rank 0 (None elsewhere), rows shared by the ranks."""
-    n, r, p = len(images), world.rank, world.size
-    x = torch.from_numpy(np.ascontiguousarray(images[r * n // p:(r + 1) * n // p]))
+    x = torch.from_numpy(np.ascontiguousarray(images[world.row_share(len(images))]))
     return world.gatherv_rows(_probabilities(_global_model(run_dir), x))
 
 

@@ -143,6 +143,11 @@ class Group:
         self.comm.Allgatherv([array, mtype], [recv, sizes, _displacements(sizes), mtype])
         return recv
 
+    def row_share(self, n):
+        """This rank's contiguous share of ``n`` rows, as a slice; the shares of ranks 0, 1, ...
+        follow each other, so :meth:`gatherv_rows` puts them back in order."""
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
     def gatherv_rows(self, array, root=0):
         """Concatenation of every rank's (n_r, K) float32 rows on ``root`` (None elsewhere)."""
         array = np.ascontiguousarray(array, dtype=np.float32)

@@ -280,7 +280,8 @@ def write_outputs(ctx, result):
     """metrics.json, history.json, per-sample correctness and plots of a finished run."""
     run_dir, config, info = ctx.run_dir, ctx.config, ctx.info
     metrics = {"ddmpi_version": __import__("ddmpi").__version__, "config": to_dict(config),
-               "dataset": dataset_record(info), "ranks": ctx.world.size, **result.metrics()}
+               "dataset": json.loads((run_dir / "dataset.json").read_text()),
+               "ranks": ctx.world.size, **result.metrics()}
     report.write_metrics(run_dir / "metrics.json", metrics)
     report.write_metrics(run_dir / "history.json", result.history)
     report.save_arrays(run_dir / "test_correct.npz", result.test_correct)

@@ -85,11 +85,11 @@ class GlobalDDP(Strategy):
 
     def evaluate(self):
         ctx, test = self.ctx, self.sources["test"]
-        n, r, p = len(test), ctx.world.rank, ctx.world.size
+        share = ctx.world.row_share(len(test))
         mine = predict_proba(self.trainer.model, test, self.step,
-                             indices=torch.arange(r * n // p, (r + 1) * n // p)).numpy()
+                             indices=torch.arange(share.start, share.stop)).numpy()
         probs = ctx.world.gatherv_rows(mine)
-        if r != 0:
+        if ctx.world.rank != 0:
             return None
         labels = test.labels.cpu().numpy()
         model = self.trainer.model
