@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ddmpi.config import AugmentConfig
-from ddmpi.data.augment import Augmenter
+from ddmpi.data.augment import Augmenter, AugmentError
 from ddmpi.data.decomposition import Decomposition
 
 
@@ -183,10 +183,11 @@ def test_jitter_is_affine_per_sample_and_mean_preserving():
 
 
 def test_rejects_bad_config():
-    with pytest.raises(ValueError, match="flip_axes"):
-        Augmenter(cfg(flip_axes=[2]), (32, 32), 0)
-    with pytest.raises(ValueError, match="shift"):
-        Augmenter(cfg(shift=-1), (32, 32), 0)
+    for bad, field in ((cfg(flip_axes=[2]), "flip_axes"), (cfg(shift=-1), "shift"),
+                       (cfg(contrast=-0.1), "contrast")):
+        with pytest.raises(AugmentError) as caught:
+            Augmenter(bad, (32, 32), 0)
+        assert caught.value.field == field
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,6 +13,7 @@ from ddmpi.config import ConfigError, dump, load_config
 from ddmpi.data.schema import DatasetWriter
 from ddmpi.parallel.group import Group
 from ddmpi.strategies.base import open_run
+from ddmpi.strategies.rundir import RunDirError
 
 SELF = Group.single()
 
@@ -73,6 +74,23 @@ def test_resume_where_nothing_was_trained_starts_afresh(digits_h5, tmp_path):
     assert not open_run(config, SELF, resume=True).resume
     assert (run_dir / "config.yaml").read_text() == dump(config)
     assert "holds no checkpoint: nothing to resume, starting the run afresh" in _log(run_dir)
+
+
+def test_resume_into_an_empty_directory_starts_quietly(digits_h5, tmp_path):
+    """The first Slurm submission passes --resume too: nothing to warn about."""
+    run_dir = tmp_path / "run"
+    assert not open_run(_config(digits_h5, run_dir), SELF, resume=True).resume
+    assert "WARNING" not in _log(run_dir)
+
+
+def test_resume_refuses_checkpoints_without_their_config(digits_h5, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "local_000.pt").write_text("trained")
+    with pytest.raises(RunDirError, match="checkpoints without config.yaml"):
+        open_run(_config(digits_h5, run_dir), SELF, resume=True)
+    open_run(_config(digits_h5, run_dir), SELF)  # a fresh run clears them
+    assert not (run_dir / "checkpoints" / "local_000.pt").exists()
 
 
 def test_resume_and_a_different_run_dir_are_refused(digits_h5, tmp_path):
@@ -139,9 +157,8 @@ def test_segments_record_every_start_of_a_run(digits_h5, tmp_path):
 
 
 def test_flip_axes_must_be_axes_of_the_data(digits_h5, tmp_path):
-    with pytest.raises(ConfigError, match=r"'data.augment': augment.flip_axes entry 2 is not a "
-                                          r"spatial axis of a 2D image \(0..1 or negative\); "
-                                          r"data: .*digits.h5"):
+    with pytest.raises(ConfigError, match=r"'data.augment.flip_axes': 2 is not a spatial axis "
+                                          r"of a 2D image \(0..1 or negative\) \(.*digits.h5\)"):
         open_run(_config(digits_h5, tmp_path / "run", "data.augment.flip_axes=[-1, 2]"), SELF)
 
 

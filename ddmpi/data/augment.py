@@ -80,6 +80,14 @@ def _field(cfg, name, default):
     return default if cfg is None else getattr(cfg, name, default)
 
 
+class AugmentError(ValueError):
+    """A setting of ``data.augment`` that does not fit; ``field`` names it (e.g. "flip_axes")."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+
+
 class Augmenter:
     """Random shift (pad-and-crop), flips and colour jitter of whole images, on a window."""
 
@@ -90,19 +98,20 @@ class Augmenter:
             raise ValueError(f"image_shape must be 2D or 3D, got {self.image_shape}")
         self.shift = int(_field(cfg, "shift", 0))
         if self.shift < 0:
-            raise ValueError(f"augment.shift must not be negative, got {self.shift}")
+            raise AugmentError("shift", f"must not be negative, got {self.shift}")
         axes = []
         for a in _field(cfg, "flip_axes", []) or []:
             if isinstance(a, bool) or not isinstance(a, numbers.Integral) \
                     or not -ndim <= a < ndim:
-                raise ValueError(f"augment.flip_axes entry {a!r} is not a spatial axis of a "
-                                 f"{ndim}D image (0..{ndim - 1} or negative)")
+                raise AugmentError("flip_axes", f"{a!r} is not a spatial axis of a {ndim}D "
+                                                f"image (0..{ndim - 1} or negative)")
             axes.append(int(a) % ndim)
         self.flip_axes = tuple(sorted(set(axes)))
         self.brightness = float(_field(cfg, "brightness", 0.0))
         self.contrast = float(_field(cfg, "contrast", 0.0))
         if self.brightness < 0 or self.contrast < 0:
-            raise ValueError("augment.brightness and augment.contrast must not be negative")
+            raise AugmentError("brightness" if self.brightness < 0 else "contrast",
+                               "must not be negative")
         self.seed = int(seed)
 
     @property

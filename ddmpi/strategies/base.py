@@ -19,12 +19,13 @@ import torch
 
 from ddmpi.config import ConfigError, dump, to_dict
 from ddmpi.data.atomic import write_text
-from ddmpi.data.augment import Augmenter
+from ddmpi.data.augment import Augmenter, AugmentError
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.schema import SPLITS, open_h5, read_info
 from ddmpi.parallel import cluster
 from ddmpi.report import output as report
 from ddmpi.strategies.rundir import (
+    RunDirError,
     check_same_dataset,
     check_writable,
     clear_outputs,
@@ -215,10 +216,15 @@ def prepare_run_dir(config, info, resume, ranks):
             notes.append("resumed with changed fields (config.yaml updated): " + ", ".join(
                 f"{key} {old!r} -> {new!r}" for key, old, new in changed))
     else:
-        if resume:
+        stored, trained = (run_dir / "config.yaml").exists(), any(run_dir.glob("checkpoints/*.pt"))
+        if resume and trained:
+            raise RunDirError(f"{run_dir}: checkpoints without config.yaml, so they cannot be "
+                              f"resumed; restore config.yaml, or remove {run_dir / 'checkpoints'} "
+                              f"to start afresh")
+        if resume and stored:
             notes.append(f"{run_dir} holds no checkpoint: nothing to resume, starting the run "
                          f"afresh with the given configuration")
-        replaced = clear_outputs(run_dir) if (run_dir / "config.yaml").exists() else []
+        replaced = clear_outputs(run_dir) if stored or trained else []
         if replaced:
             notes.append(f"{run_dir} held an earlier run: its {', '.join(replaced)} were removed "
                          f"(--resume continues a run instead)")
@@ -233,8 +239,9 @@ def _check_augment(config, info):
     """data.augment fits the data's images (its flip axes exist), else a config error."""
     try:
         Augmenter(config.data.augment, info.spatial_shape, config.run.seed)
-    except ValueError as err:
-        raise ConfigError(f"config field 'data.augment': {err}; data: {info.path}") from None
+    except AugmentError as err:
+        raise ConfigError(f"config field 'data.augment.{err.field}': {err} ({info.path})") \
+            from None
 
 
 def dataset_record(info):
