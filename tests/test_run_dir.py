@@ -144,6 +144,37 @@ def test_resume_takes_the_same_data_set_under_a_new_path(digits_h5, tmp_path):
     assert f"data.path '{digits_h5}' -> '{moved}'" in _log(run_dir)
 
 
+def test_resume_refuses_the_same_labels_with_other_images(digits_h5, tmp_path):
+    """Flipped images keep labels, ids, statistics and provenance: the fingerprint's image rows
+    tell them apart."""
+    import h5py
+
+    data = tmp_path / "data.h5"
+    shutil.copy(digits_h5, data)
+    _trained_run(tmp_path / "run", data)
+    with h5py.File(data, "r+") as f:
+        for split in ("train", "val", "test"):
+            f[split]["images"][...] = f[split]["images"][()][..., ::-1]
+    with pytest.raises(ConfigError, match="its fingerprint differ"):
+        open_run(_config(data, tmp_path / "run"), SELF, resume=True)
+
+
+def test_resume_takes_a_copy_whose_provenance_names_other_paths(digits_h5, tmp_path):
+    """The same samples prepared from a copy of the sources elsewhere: other source paths in
+    the provenance, same data set."""
+    import h5py
+
+    run_dir, copy = tmp_path / "run", tmp_path / "copy.h5"
+    _trained_run(run_dir, digits_h5)
+    shutil.copy(digits_h5, copy)
+    with h5py.File(copy, "r+") as f:
+        provenance = json.loads(f.attrs.get("provenance", "{}") or "{}")
+        provenance.setdefault("options", {})["src"] = "/elsewhere/sources"
+        f.attrs["provenance"] = json.dumps(provenance)
+    config = resolve_config(None, [f"data.path={copy}"], run_dir)
+    assert open_run(config, SELF, resume=True).resume
+
+
 def test_segments_record_every_start_of_a_run(digits_h5, tmp_path):
     from ddmpi.strategies.rundir import end_segment
 

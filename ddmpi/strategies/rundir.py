@@ -92,6 +92,11 @@ def update_config(run_dir, config):
     return changed
 
 
+# what identifies a data set (not where it is or how it was made: the source paths differ for
+# a copy made elsewhere); a run recorded before a field existed is not checked on it
+IDENTITY = ("classes", "channels", "spatial_shape", "mean", "std", "splits", "fingerprint")
+
+
 def check_same_dataset(run_dir, record):
     """On resume: the data set of ``record`` (see ``base.dataset_record``) is the one recorded
     in ``RUN_DIR/dataset.json`` (its path may differ); a config error naming both otherwise."""
@@ -99,7 +104,7 @@ def check_same_dataset(run_dir, record):
     if not path.is_file():
         return
     stored, record = json.loads(path.read_text()), json.loads(json.dumps(record))
-    changed = [key for key in stored if key != "path" and stored[key] != record.get(key)]
+    changed = [key for key in IDENTITY if key in stored and stored[key] != record.get(key)]
     if changed:
         raise ConfigError(f"config field 'data.path': {record['path']} is not the data set "
                           f"this run trained on ({stored['path']}, recorded in {path}): its "
