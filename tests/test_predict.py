@@ -109,6 +109,7 @@ def test_cli_under_mpi_equals_serial(kind, request, tmp_path):
     rows = list(csv.reader(serial.open()))
     assert rows[0][:2] == ["id", "prediction"] and len(rows) == 1 + len(read_labels(data, "test"))
     assert parallel.read_text() == serial.read_text()
+    assert b"\r" not in serial.read_bytes()                 # plain LF lines, on stdout too
 
 
 def test_errors_name_the_input(trained, tmp_path):

@@ -103,7 +103,7 @@ def _predict_decomposed(run_dir, images, world, dataset, combiner):
 
 def write_predictions(stream, probs, ids, classes):
     """CSV: id, predicted class, then one probability column per class."""
-    writer = csv.writer(stream)
+    writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["id", "prediction"] + [f"p_{c}" for c in classes])
     for name, p in zip(ids, probs):
         writer.writerow([name, classes[int(p.argmax())]] + [f"{v:.6f}" for v in p])

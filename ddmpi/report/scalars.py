@@ -50,7 +50,7 @@ class ScalarWriter:
             log_dir = os.path.join(os.fspath(run_dir), "tensorboard", name)
             self._tb = _summary_writer_class()(log_dir=log_dir)
         self._file = open(self.path, "a", newline="")  # noqa: SIM115 (open until close())
-        self._csv = csv.writer(self._file)
+        self._csv = csv.writer(self._file, lineterminator="\n")
 
     def add(self, epoch, scalars):
         """Append one row: ``epoch`` (int) and ``scalars`` (``{name: float}``)."""
