@@ -270,6 +270,27 @@ def test_summarise_states_the_matched_targets_per_seed_walls_and_peak_memory():
     json.dumps(c, default=float)
 
 
+def _with_rss_scope(runs, scope):
+    for results in runs.values():
+        for r in results:
+            for m in r.peak_memory_mb.values():
+                m["rss_scope"] = scope
+    return runs
+
+
+@pytest.mark.parametrize("scopes, text", [
+    (["run"], "each run's own (the process's peak is reset at the start of every run)"),
+    (["process"], "as the process's high-water mark since start-up"),
+    (["run", "process"], "so a row also carries the peaks of the runs before it")])
+def test_legend_says_whose_peak_the_rss_is(scopes, text):
+    """Per-run peaks only when every rank of every run could reset its peak."""
+    runs = _with_rss_scope(_fake_runs(), scopes[0])
+    runs["coherent"][1].peak_memory_mb["1"]["rss_scope"] = scopes[-1]
+    c = summarise(_config("compare.seeds=2"), 2, runs, BUDGET)
+    assert c["rss_scope"] == ("run" if scopes == ["run"] else "process")
+    assert text in format_markdown(c)
+
+
 @pytest.mark.parametrize("overrides, honest, text", [
     ([], True, "a seeded, stratified 20 % (36 decisions) of the validation decisions only "
                "(coarse.train_on: train+val; the local CNNs did not train on them"),

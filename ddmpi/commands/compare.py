@@ -178,8 +178,17 @@ def summarise(config, ranks, runs, budget):
             "decomposition": {"grid": list(config.decomposition.grid),
                               "overlap": config.decomposition.overlap},
             "epochs": config.local.epochs, "rows": rows, "target_accuracy": target,
-            "matched": matched(runs, budget), "coarse": coarse_holdout(config, runs),
+            "rss_scope": rss_scope(runs), "matched": matched(runs, budget),
+            "coarse": coarse_holdout(config, runs),
             "paired": paired_tests(correct), "curves": lines}
+
+
+def rss_scope(runs):
+    """"run" when every rank of every run measured its own peak resident set, else "process"
+    (some peak is the process's since start-up: :mod:`ddmpi.training.memory`)."""
+    scopes = {m.get("rss_scope", "process") for results in runs.values() for r in results
+              for m in r.peak_memory_mb.values()}
+    return "run" if scopes == {"run"} else "process"
 
 
 def time_ratios(rows):

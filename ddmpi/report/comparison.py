@@ -37,7 +37,7 @@ TIMES = (
     "backward pass), so the first run does not carry the process's start-up costs. Time / "
     "compute-matched: the ratio of the mean wall times over the seeds; the wall time of every "
     "seed and its ratio to the compute-matched global CNN's of the same seed are listed above "
-    "the legend. Peak RSS: the largest resident set of any rank in any seed. The coherent "
+    "the legend. The coherent "
     "CNN-DNN by transfer starts from a finished CNN-DNN run (the same seed's, or "
     "compare.transfer_from): its wall time and time to target include that run's wall time. "
     "Time to target is '-' for the CNN-DNN rows: the CNN-DNN's accuracy exists only after the "
@@ -47,6 +47,13 @@ PAIRED_TESTS = (
     "the baseline's, averaged over the seeds; the bootstrap resamples images (all seeds of an "
     "image together) and the p-value is the exact two-sided sign-flip permutation test of these "
     "per-image differences (with one seed, the exact McNemar test).")
+PEAK_RSS = {
+    "run": "Peak RSS: the largest resident set of any rank in any seed, each run's own (the "
+           "process's peak is reset at the start of every run).",
+    "process": "Peak RSS: the largest resident set of any rank in any seed, as the process's "
+               "high-water mark since start-up (its peak could not be reset per run here), so "
+               "a row also carries the peaks of the runs before it.",
+}
 
 
 def _pm(stat, scale=100, unit=" %"):
@@ -150,8 +157,9 @@ def format_markdown(c):
 
 def legend(c):
     """What the table's columns and rows are, for this comparison."""
-    return " ".join(filter(None, (costs_sentence(c), TIMES, holdout_sentence(c["coarse"]),
-                                  PAIRED_TESTS)))
+    return " ".join(filter(None, (costs_sentence(c), TIMES,
+                                  PEAK_RSS[c.get("rss_scope", "process")],
+                                  holdout_sentence(c["coarse"]), PAIRED_TESTS)))
 
 
 def costs_sentence(c):

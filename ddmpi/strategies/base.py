@@ -6,7 +6,6 @@
 
 import hashlib
 import json
-import resource
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
 from ddmpi.config import ConfigError, dump, to_dict
 from ddmpi.data.atomic import write_text
@@ -35,7 +33,7 @@ from ddmpi.strategies.rundir import (
     start_segment,
     update_config,
 )
-from ddmpi.training import preemption
+from ddmpi.training import memory, preemption
 from ddmpi.training.loop import Preempted, Step
 
 
@@ -52,9 +50,10 @@ class RunResult:
     extra: dict = field(default_factory=dict)
     wall_seconds: float = 0.0             # over the segments (a resumed run has several)
     segments: List[dict] = field(default_factory=list)  # RUN_DIR/segments.json
-    # of the last segment: rank -> phase -> seconds, rank -> peak RSS (and GPU) MiB
+    # of the last segment: rank -> phase -> seconds; rank -> {"rss", "rss_scope" ("run", or
+    # "process" where the peak could not be reset: ddmpi.training.memory), "cuda"} MiB
     timings: Dict[str, dict] = field(default_factory=dict)
-    peak_memory_mb: Dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: Dict[str, dict] = field(default_factory=dict)
 
     def metrics(self):
         """metrics.json's body (per-sample arrays left out)."""
@@ -139,6 +138,7 @@ def run(strategy_cls, config, world, resume=False):
     """Run ``strategy_cls`` on the ranks of ``world``; the result on rank 0, None elsewhere."""
     ctx = open_run(config, world, resume)
     preemption.install()
+    scope = memory.reset_peaks(ctx.device)
     strategy = strategy_cls(ctx)
     try:
         with ctx.timer("train"):
@@ -151,23 +151,15 @@ def run(strategy_cls, config, world, resume=False):
             end_segment(ctx.run_dir, ctx.elapsed(), "preempted")
         raise
     timings = world.gather(dict(ctx.timer.seconds))
-    memory = world.gather(peak_memory_mb(ctx.device))
+    peaks = world.gather(memory.peaks_mb(ctx.device, scope))
     if world.rank != 0:
         return None
     result.segments = end_segment(ctx.run_dir, ctx.elapsed(), "finished")
     result.wall_seconds = sum(s["wall_seconds"] or 0.0 for s in result.segments)
     result.timings = {str(r): t for r, t in enumerate(timings)}
-    result.peak_memory_mb = {str(r): m for r, m in enumerate(memory)}
+    result.peak_memory_mb = {str(r): m for r, m in enumerate(peaks)}
     write_outputs(ctx, result)
     return result
-
-
-def peak_memory_mb(device):
-    """Peak resident memory of this process (and peak CUDA allocation), MiB."""
-    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return peak
 
 
 def open_run(config, world, resume=False):
