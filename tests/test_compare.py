@@ -4,6 +4,7 @@ tests over test images, the transfer's prior CNN-DNN run), the comparison table,
 plot, the warm-up, the refused configurations, the command line."""
 
 import json
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,6 +27,7 @@ from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
 from ddmpi.strategies.global_ddp import GlobalDDP, cnn_dnn_budget, global_width, local_budget
 from ddmpi.strategies.local import build_kwargs
+from ddmpi.training import preemption
 
 
 def _config(*overrides):
@@ -399,6 +401,32 @@ def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
     with pytest.raises(_Stop):
         run_compare(_config(f"run.dir={tmp_path}"), Group.single())
     assert calls == ["warm-up", "widths", "run"]
+
+
+def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeypatch, tmp_path):
+    """The run the signal arrived in finishes (as the CNN-DNN's coarse phase does); compare
+    then exits 75 before opening the next run, naming the finished run and those left."""
+    calls, exits = [], []
+    monkeypatch.setattr(compare, "warm_up", lambda config, world: 0.0)
+    monkeypatch.setattr(compare, "resolve_widths", lambda config: (None, {}))
+
+    def finishing(cls, config, world):
+        calls.append((cls.__name__, config.run.seed))
+        monkeypatch.setitem(preemption._requested, "signal", signal.SIGUSR1)
+
+    def leave(rank, message):
+        exits.append(message)
+        raise _Stop
+
+    monkeypatch.setattr(compare, "run", finishing)
+    monkeypatch.setattr(compare, "exit_preempted", leave)
+    with pytest.raises(_Stop):
+        run_compare(_config(f"run.dir={tmp_path}", "compare.strategies=[cnn_dnn, coherent]",
+                            "compare.seeds=2", "run.seed=5"), Group.single())
+    assert calls == [("CNNDNN", 5)]
+    assert exits == ["ddmpi compare stopped by a signal after cnn_dnn, seed 5 finished; not "
+                     "run: coherent seed 5, cnn_dnn seed 6, coherent seed 6; compare does not "
+                     "resume: run it again (exit 75)"]
 
 
 def test_warm_up_binds_and_runs_on_the_data(digits_h5):

@@ -2,7 +2,9 @@
 
 Runs go to ``RUN_DIR/seed<k>/<strategy>/``; the comparison (table, JSON, plot) to ``RUN_DIR``.
 A stop signal (:mod:`ddmpi.training.preemption`) ends it with exit 75 naming the run it
-stopped; ``compare`` does not resume (its wall times would mix two jobs): run it again.
+stopped (or, when the run it arrived in could finish, that run and the runs left undone,
+before the next run starts); ``compare`` does not resume (its wall times would mix two jobs):
+run it again.
 """
 
 import copy
@@ -26,6 +28,7 @@ from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
 from ddmpi.strategies.global_ddp import cnn_dnn_budget, global_strategy, global_width
 from ddmpi.strategies.local import build_kwargs
+from ddmpi.training import preemption
 from ddmpi.training.loop import Preempted
 from ddmpi.training.preemption import EXIT_PREEMPTED
 
@@ -113,19 +116,20 @@ def run_compare(config, world):
     budget, widths = resolve_widths(config)
     if world.rank == 0:
         print(f"=== ddmpi compare: untimed warm-up, {seconds:.1f} s", flush=True)
-    runs = {}
-    for k in range(config.compare.seeds):
-        for name, cls in strategies(config, widths):
-            sub = copy.deepcopy(config)
-            sub.run.seed = config.run.seed + k
-            sub.run.dir = str(root / f"seed{k}" / name)
-            if world.rank == 0:
-                print(f"=== ddmpi compare: {name}, seed {sub.run.seed}, {world.size} ranks",
-                      flush=True)
-            world.barrier()
-            result = run_or_exit(cls, sub, world, name)
-            world.barrier()
-            runs.setdefault(name, []).append(result)
+    runs, plan = {}, schedule(config, widths)
+    for i, (k, name, cls) in enumerate(plan):
+        if i:
+            stop_between_runs(world, config, plan[i - 1], plan[i:])
+        sub = copy.deepcopy(config)
+        sub.run.seed = config.run.seed + k
+        sub.run.dir = str(root / f"seed{k}" / name)
+        if world.rank == 0:
+            print(f"=== ddmpi compare: {name}, seed {sub.run.seed}, {world.size} ranks",
+                  flush=True)
+        world.barrier()
+        result = run_or_exit(cls, sub, world, name)
+        world.barrier()
+        runs.setdefault(name, []).append(result)
     if world.rank != 0:
         return None
     comparison = summarise(config, world.size, runs, budget)
@@ -136,6 +140,25 @@ def run_compare(config, world):
     print(f"comparison: {root / 'comparison.md'}, {root / 'comparison.json'}, "
           f"{root / 'comparison.png'}", flush=True)
     return comparison
+
+
+def schedule(config, widths):
+    """``(seed index, run name, strategy class)`` of every run, in the order they run."""
+    return [(k, name, cls) for k in range(config.compare.seeds)
+            for name, cls in strategies(config, widths)]
+
+
+def stop_between_runs(world, config, done, left):
+    """Collective: exit 75 before the next run if any rank received a stop signal (one that
+    arrived while the run ``done`` was finishing, which lets it finish), naming that run and
+    the runs ``left`` undone."""
+    if not world.any(preemption.requested()):
+        return
+    seed = config.run.seed
+    undone = ", ".join(f"{name} seed {seed + k}" for k, name, _ in left)
+    exit_preempted(world.rank, f"ddmpi compare stopped by a signal after {done[1]}, seed "
+                   f"{seed + done[0]} finished; not run: {undone}; compare does not resume: "
+                   f"run it again (exit {EXIT_PREEMPTED})")
 
 
 def run_or_exit(cls, config, world, name):
