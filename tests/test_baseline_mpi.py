@@ -90,8 +90,11 @@ def test_run_writes_its_run_directory(mpi_digits, mpi_tmp_path):
             and written["extra"]["width_rule"] == "compute"
             and ckpt["model_config"]["width"] == result.extra["width"],
             "parameters": written["parameters"] > 0 and written["flops_per_sample"] > 0,
+            # ddp_setup: the process group alone; the training its own phase within "train"
             "timings": len(written["timings"]) == world.size and all(
-                "train" in t for t in written["timings"].values()),
+                t["ddp_setup"] < t["global_training"]
+                and t["ddp_setup"] + t["global_training"] <= t["train"]
+                for t in written["timings"].values()),
             "memory": len(written["peak_memory_mb"]) == world.size and all(
                 m["rss"] > 0 for m in written["peak_memory_mb"].values()),
             "history": [h["epoch"] for h in written["history"]["global"]] == [1, 2],

@@ -5,6 +5,8 @@ training FLOPs per sample as all local CNNs together) or "parameters" (same para
 the whole CNN-DNN, local CNNs and coarse DNN).
 """
 
+import contextlib
+
 import torch
 
 from ddmpi.coarse.dnn import coarse_model
@@ -76,12 +78,15 @@ class GlobalDDP(Strategy):
         self.sources, augment = open_sources(ctx, box)
         ctx.log.info(f"global CNN width {width} ({self.width_rule}) on "
                      f"{'x'.join(map(str, info.spatial_shape))}, DDP over {ctx.world.size} ranks")
-        with ctx.timer("ddp_setup"), ddp_over(ctx.world, ctx.device) as parallel:
-            self.trainer, self.step = train_cnn(
-                ctx, self.kwargs, self.sources["train"], self.sources["val"], augment,
-                seed=ctx.config.run.seed, path=global_path(ctx.run_dir),
-                epochs=ctx.config.local.epochs, parallel=parallel,
-                writes=ctx.world.rank == 0)
+        with contextlib.ExitStack() as stack:
+            with ctx.timer("ddp_setup"):  # the process group; torch wraps the model in fit
+                parallel = stack.enter_context(ddp_over(ctx.world, ctx.device))
+            with ctx.timer("global_training"):
+                self.trainer, self.step = train_cnn(
+                    ctx, self.kwargs, self.sources["train"], self.sources["val"], augment,
+                    seed=ctx.config.run.seed, path=global_path(ctx.run_dir),
+                    epochs=ctx.config.local.epochs, parallel=parallel,
+                    writes=ctx.world.rank == 0)
 
     def evaluate(self):
         ctx, test = self.ctx, self.sources["test"]
