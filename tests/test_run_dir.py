@@ -12,7 +12,9 @@ from ddmpi.commands.train import resolve_config
 from ddmpi.config import ConfigError, dump, load_config
 from ddmpi.data.schema import DatasetWriter
 from ddmpi.parallel.group import Group
+from ddmpi.parallel.layout import MappingError
 from ddmpi.strategies.base import open_run
+from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.rundir import RunDirError
 
 SELF = Group.single()
@@ -197,3 +199,34 @@ def test_amp_on_a_cpu_says_it_trains_in_float32(digits_h5, tmp_path):
     open_run(_config(digits_h5, tmp_path / "run", "run.amp=true"), SELF)
     assert "run.amp: bf16 autocast is for CUDA; cpu trains in float32" in (
         tmp_path / "run" / "logs" / "rank_00000.log").read_text()
+
+
+def _files(run_dir):
+    """Every file of ``run_dir`` but the logs, with its content."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and "logs" not in p.parts}
+
+
+class _World:
+    """Rank 0 of ``size`` ranks: enough for the checks made before any communication."""
+
+    rank = 0
+
+    def __init__(self, size):
+        self.size = size
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("overrides, ranks, error", [
+    (["decomposition.grid=[3, 3]", "decomposition.overlap=7"], 1, ConfigError),
+    (["decomposition.grid=[1, 2]"], 3, MappingError),
+])
+def test_a_run_that_does_not_fit_leaves_the_earlier_run_untouched(digits_h5, tmp_path, resume,
+                                                                   overrides, ranks, error):
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, digits_h5)
+    before = _files(run_dir)
+    with pytest.raises(error):
+        open_run(_config(digits_h5, run_dir, *overrides), _World(ranks), resume, CNNDNN)
+    assert _files(run_dir) == before
+

@@ -43,18 +43,24 @@ class Layout:
         return self.owners.active
 
 
+def check_layout(num_ranks, num_subdomains):
+    """Raise :class:`MappingError` unless ``num_ranks`` ranks can share ``num_subdomains``
+    (at most one rank per subdomain, or a multiple of them under hybrid parallelism)."""
+    if num_ranks < 1 or num_subdomains < 1:
+        raise MappingError("need at least one rank and one subdomain")
+    if num_ranks > num_subdomains and num_ranks % num_subdomains:
+        raise MappingError(f"hybrid parallelism needs the number of MPI ranks ({num_ranks}) to "
+                           f"be a multiple of the number of subdomains ({num_subdomains}): "
+                           f"decomposition.grid")
+
+
 def make_layout(world, num_subdomains):
     """Collective over ``world``: the layout of ``num_subdomains`` over its ranks."""
     size, s_total = world.size, num_subdomains
-    if s_total < 1:
-        raise MappingError("need at least one rank and one subdomain")
+    check_layout(size, s_total)
     if size <= s_total:
         owned = assign_subdomains(s_total, size)[world.rank]
         return Layout(world, s_total, owned, Group.single(), world)
-    if size % s_total:
-        raise MappingError(f"hybrid parallelism needs the number of MPI ranks ({size}) to be a "
-                           f"multiple of the number of subdomains ({s_total}): "
-                           f"decomposition.grid")
     k = size // s_total
     sub = world.rank // k
     replicas = world.split(sub)

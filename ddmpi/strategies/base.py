@@ -122,6 +122,12 @@ class Strategy(ABC):
 
     name = "strategy"
 
+    @classmethod
+    def check_fit(cls, config, info, ranks):
+        """The configuration fits the data set and the ``ranks``, else an error: checked before
+        the run directory is touched. Returns the decomposition."""
+        return decomposition_of(config, info)
+
     def __init__(self, ctx):
         self.ctx = ctx
 
@@ -136,7 +142,7 @@ class Strategy(ABC):
 
 def run(strategy_cls, config, world, resume=False):
     """Run ``strategy_cls`` on the ranks of ``world``; the result on rank 0, None elsewhere."""
-    ctx = open_run(config, world, resume)
+    ctx = open_run(config, world, resume, strategy_cls)
     preemption.install()
     scope = memory.reset_peaks(ctx.device)
     strategy = strategy_cls(ctx)
@@ -162,8 +168,9 @@ def run(strategy_cls, config, world, resume=False):
     return result
 
 
-def open_run(config, world, resume=False):
-    """Collective: read and check the data set's header, prepare the run directory (see
+def open_run(config, world, resume=False, strategy_cls=Strategy):
+    """Collective: read and check the data set's header and that the configuration fits it and
+    the ranks (``strategy_cls.check_fit``), prepare the run directory (see
     :func:`prepare_run_dir`), open this rank's log, bind device and threads."""
     run_dir = Path(config.run.dir)
     info = read_info(config.data.path)
@@ -172,6 +179,7 @@ def open_run(config, world, resume=False):
         raise ConfigError(f"config field 'data.path': {info.path} has no {missing[0]!r} split "
                           f"(it has {list(info.splits)})")
     _check_augment(config, info)
+    strategy_cls.check_fit(config, info, world.size)
     outcome = None
     if world.rank == 0:
         try:

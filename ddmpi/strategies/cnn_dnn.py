@@ -10,7 +10,7 @@ import numpy as np
 from ddmpi.coarse.dnn import COMBINERS, combine, train_coarse
 from ddmpi.data.schema import read_labels
 from ddmpi.parallel.data_parallel import DataParallel
-from ddmpi.parallel.layout import make_layout
+from ddmpi.parallel.layout import check_layout, make_layout
 from ddmpi.parallel.progress import Progress
 from ddmpi.report.stats import classification_metrics
 from ddmpi.strategies import local
@@ -22,6 +22,13 @@ from ddmpi.training.checkpoint import save_checkpoint
 
 class CNNDNN(Strategy):
     name = "cnn_dnn"
+
+    @classmethod
+    def check_fit(cls, config, info, ranks):
+        """The decomposition fits the images and the ranks fit its subdomains."""
+        decomposition = super().check_fit(config, info, ranks)
+        check_layout(ranks, decomposition.num_subdomains)
+        return decomposition
 
     def train(self):
         ctx = self.ctx
