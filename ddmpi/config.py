@@ -185,6 +185,23 @@ def load_config(path=None, overrides=()):
         raise
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (instead of keeping
+    the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_file(path):
     """``(path, raw dict)`` of a YAML file, or of a packaged configuration given by name."""
     path = Path(path)
@@ -192,7 +209,9 @@ def _read_file(path):
     if not path.exists() and packaged.exists():
         path = packaged  # a configuration shipped with ddmpi, by name ("quickstart")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from err
     except yaml.YAMLError as err:
@@ -232,7 +251,7 @@ def apply_override(raw, item):
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: '{part}' is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = yaml.load(value, UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: value is not valid YAML "
                           f"({yaml_problem(err)})") from None

@@ -135,3 +135,30 @@ def test_an_error_in_the_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=f"^{path}: config field 'data.path': required"):
         load_config(path)
     assert load_config(path, ["data.path=x.h5"]).local.epochs == 2
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("local:\n  epochs: 2\nrun:\n  seed: 1\nlocal:\n  epochs: 3\n", "local", 5),
+    ("local:\n  epochs: 2\n  batch_size: 8\n  epochs: 3\n", "epochs", 4),
+])
+def test_a_key_given_twice_is_an_error_naming_file_key_and_line(tmp_path, text, key, line):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML \(line {line}, column "
+                                          rf"\d+: duplicate key '{key}'\)$"):
+        load_config(path)
+
+
+def test_set_values_are_read_as_yaml_and_refuse_a_key_twice():
+    config = load_config(None, ["data.path=x.h5", "local.model.blocks=[1, 2]",
+                                "coarse.hidden=[8]"])
+    assert (config.local.model.blocks, config.coarse.hidden) == ([1, 2], [8])
+    with pytest.raises(ConfigError, match=r"--set .*duplicate key 'a'"):
+        load_config(None, ["local.model={a: 1, a: 2}"])
+
+
+def test_a_config_that_is_not_text_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=rf"^{path}: not a UTF-8 text file$"):
+        load_config(path)

@@ -8,7 +8,6 @@ Global CNN: each rank evaluates a share of the images with the one model; rank 0
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ddmpi.data.schema import DatasetError
 from ddmpi.models.cnn import build_cnn
 from ddmpi.parallel.layout import assign_subdomains
 from ddmpi.report.stats import classification_metrics
-from ddmpi.strategies.rundir import coarse_path, global_path, local_path
+from ddmpi.strategies.rundir import coarse_path, global_path, local_path, read_json
 from ddmpi.training.checkpoint import load_checkpoint
 
 
@@ -59,7 +58,7 @@ def predict(run_dir, inputs, world, split="test", combiner="chosen"):
     dataset_file = run_dir / "dataset.json"
     if not dataset_file.exists():
         raise DatasetError(f"{dataset_file}: missing; is {run_dir} a finished ddmpi run?")
-    dataset = json.loads(dataset_file.read_text())
+    dataset = read_json(dataset_file)
     is_global = global_path(run_dir).exists()
     if is_global and combiner != "chosen":
         raise DatasetError(f"{run_dir}: a global-model run (one CNN on whole images, "
@@ -114,7 +113,7 @@ def main(args, world):
     probs, ids, labels = predict(args.run_dir, args.inputs, world, args.split, args.combiner)
     if world.rank != 0:
         return
-    classes = json.loads((Path(args.run_dir) / "dataset.json").read_text())["classes"]
+    classes = read_json(Path(args.run_dir) / "dataset.json")["classes"]
     buffer = io.StringIO()
     write_predictions(buffer, probs, ids, classes)
     if args.out:

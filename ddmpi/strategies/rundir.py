@@ -46,11 +46,22 @@ def holds_a_run(run_dir):
         checkpoints.glob("*.pt"))
 
 
+def read_json(path):
+    """The JSON content of the run file ``path``; a :class:`RunDirError` naming it if it is
+    not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{path}: not valid JSON ({err})") from None
+
+
 def start_segment(run_dir, ranks, resumed):
     """Record in ``RUN_DIR/segments.json`` that a segment of the run starts (a fresh run
     starts the list anew)."""
     path = Path(run_dir) / "segments.json"
-    segments = json.loads(path.read_text()) if resumed and path.is_file() else []
+    segments = read_json(path) if resumed and path.is_file() else []
     segments.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "ranks": ranks, "resumed": resumed, "wall_seconds": None, "end": None})
     write_text(path, json.dumps(segments, indent=2))
@@ -60,7 +71,7 @@ def end_segment(run_dir, wall_seconds, end):
     """Record the wall time and the ``end`` ("finished", "preempted") of the current segment;
     return every segment so far."""
     path = Path(run_dir) / "segments.json"
-    segments = json.loads(path.read_text())
+    segments = read_json(path)
     segments[-1].update(wall_seconds=wall_seconds, end=end)
     write_text(path, json.dumps(segments, indent=2))
     return segments
