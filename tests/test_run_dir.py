@@ -230,3 +230,13 @@ def test_a_run_that_does_not_fit_leaves_the_earlier_run_untouched(digits_h5, tmp
         open_run(_config(digits_h5, run_dir, *overrides), _World(ranks), resume, CNNDNN)
     assert _files(run_dir) == before
 
+
+@pytest.mark.parametrize("name", ["segments.json", "dataset.json"])
+@pytest.mark.parametrize("content", [b"{garbage", b"", b"\xff\xfe\x00"])
+def test_a_corrupt_run_file_is_one_line_naming_it(digits_h5, tmp_path, name, content):
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, digits_h5)
+    (run_dir / name).write_bytes(content)
+    with pytest.raises(RunDirError, match=rf"^{run_dir / name}: not (valid JSON \(|a UTF-8 text "
+                                          rf"file$)"):
+        open_run(_config(digits_h5, run_dir), SELF, resume=True)

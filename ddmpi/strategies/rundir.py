@@ -114,7 +114,7 @@ def check_same_dataset(run_dir, record):
     path = Path(run_dir) / "dataset.json"
     if not path.is_file():
         return
-    stored, record = json.loads(path.read_text()), json.loads(json.dumps(record))
+    stored, record = read_json(path), json.loads(json.dumps(record))
     changed = [key for key in IDENTITY if key in stored and stored[key] != record.get(key)]
     if changed:
         raise ConfigError(f"config field 'data.path': {record['path']} is not the data set "
