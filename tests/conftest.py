@@ -16,14 +16,14 @@ def _one_torch_thread():
     torch.set_num_threads(1)
 
 
-def write_digits_h5(path):
-    """Write the 1,797 real scikit-learn digits as a ddmpi data set (70/15/15 split, seeded)."""
+def write_digits_h5(path, seed=0):
+    """Write the 1,797 real scikit-learn digits as a ddmpi data set (70/15/15 split by ``seed``)."""
     from helpers import digits_arrays
 
     from ddmpi.data.schema import DatasetWriter
 
     images, labels = digits_arrays()
-    order = np.random.default_rng(0).permutation(len(images))
+    order = np.random.default_rng(seed).permutation(len(images))
     n_train, n_val = int(0.7 * len(order)), int(0.15 * len(order))
     parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
              "test": order[n_train + n_val:]}

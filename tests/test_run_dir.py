@@ -4,13 +4,11 @@ against data."""
 import json
 import shutil
 
-import numpy as np
 import pytest
-from helpers import digits_arrays
+from conftest import write_digits_h5
 
 from ddmpi.commands.train import resolve_config
 from ddmpi.config import ConfigError, dump, load_config
-from ddmpi.data.schema import DatasetWriter
 from ddmpi.parallel.group import Group
 from ddmpi.parallel.layout import MappingError
 from ddmpi.strategies.base import open_run
@@ -104,16 +102,7 @@ def test_resume_and_a_different_run_dir_are_refused(digits_h5, tmp_path):
 
 def _other_split(path):
     """The digits of ``digits_h5`` split differently: another data set, same classes and shapes."""
-    images, labels = digits_arrays()
-    order = np.random.default_rng(1).permutation(len(images))
-    n_train, n_val = int(0.7 * len(order)), int(0.15 * len(order))
-    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-             "test": order[n_train + n_val:]}
-    with DatasetWriter(path, name="digits", classes=[str(d) for d in range(10)],
-                       converter="tests.conftest", provenance={"source": "sklearn"}) as writer:
-        for split, idx in parts.items():
-            writer.write_split(split, images[idx], labels[idx], ids=[str(i) for i in idx])
-    return path
+    return write_digits_h5(path, seed=1)
 
 
 def _trained_run(run_dir, data):
