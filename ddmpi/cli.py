@@ -72,7 +72,8 @@ def build_parser():
                          help="HDF5 data set, image files, NIfTI volumes or CIFAR batch files")
     predict.add_argument("--split", default="test", help="split to classify in an HDF5 input")
     predict.add_argument("--combiner", default="chosen",
-                         choices=("chosen", "cnn_dnn", "majority_vote", "average_probabilities"),
+                         choices=("chosen", "cnn_dnn", "average_log_probabilities",
+                                  "average_probabilities", "majority_vote"),
                          help="how local decisions are combined (default: the one the run "
                          "chose on its holdout; a global CNN run has only 'chosen')")
     predict.add_argument("--out", help="write predictions as CSV (default: print)")

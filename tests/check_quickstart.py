@@ -5,7 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-MINIMUM = {"chosen": 0.97, "cnn_dnn": 0.97, "average_probabilities": 0.96,
+MINIMUM = {"chosen": 0.97, "cnn_dnn": 0.97, "average_log_probabilities": 0.97,
+           "average_probabilities": 0.96,
            "majority_vote": 0.95}
 
 

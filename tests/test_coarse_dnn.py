@@ -205,3 +205,19 @@ def test_fallback_needs_significant_evidence():
     assert choice == "majority_vote"          # the better cheap combiner is tested
     tie = dnn._choose(_scores(worse, base, base), True)
     assert tie[0] == "average_probabilities"  # equal cheap accuracies: averaging
+
+
+def test_log_probability_combiner_is_reported_never_chosen():
+    """The coarse model's untrained start is scored on the holdout and combinable (so a run
+    shows what training the coarse model adds) but not a fallback: an untrained coarse model
+    equals it, and a trained one that loses to it keeps its own row."""
+    probs, y = informative_one(200, seed=3)
+    fit = dnn.train_coarse(probs, y, CoarseConfig(hidden=[4], epochs=0), seed=0)
+    held = fit.holdout
+    assert held["average_log_probabilities"]["accuracy"] == held["cnn_dnn"]["accuracy"]
+    assert held["average_log_probabilities"]["nll"] == pytest.approx(held["cnn_dnn"]["nll"])
+    np.testing.assert_allclose(dnn.combine("average_log_probabilities", fit.model, probs),
+                               dnn.combine("cnn_dnn", fit.model, probs), atol=1e-6)
+    scores = _scores(np.zeros(50), np.zeros(50), np.zeros(50))
+    scores["average_log_probabilities"] = {"accuracy": 1.0, "nll": 0.0, "right": np.ones(50, bool)}
+    assert dnn._choose(scores, True)[0] == "cnn_dnn"

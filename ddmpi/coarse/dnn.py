@@ -20,9 +20,16 @@ import torch.nn.functional as F
 from scipy.stats import binomtest
 from torch import nn
 
-from ddmpi.coarse.combiners import EPS, average_probabilities, vote_shares
+from ddmpi.coarse.combiners import (
+    EPS,
+    average_log_probabilities,
+    average_probabilities,
+    vote_shares,
+)
 
-COMBINERS = ("cnn_dnn", "average_probabilities", "majority_vote")
+# the combiners evaluated; averaged log-probabilities, the coarse model's untrained start, is
+# reported (what training the coarse model adds) but never chosen (_choose)
+COMBINERS = ("cnn_dnn", "average_log_probabilities", "average_probabilities", "majority_vote")
 
 
 class CoarseNet(nn.Module):
@@ -224,8 +231,7 @@ def train_coarse(probs, labels, cfg, *, seed, device="cpu", honest=None):
         history, best_epoch = _fit(model, x, y, hold, cfg, seed)
     hp, hy = probs[:, hold], labels[hold]
     scores = {"cnn_dnn": _scores(predict_coarse(model, hp, device), hy),
-              "average_probabilities": _scores(average_probabilities(hp), hy),
-              "majority_vote": _scores(vote_shares(hp), hy)}
+              **{name: _scores(combine(name, model, hp), hy) for name in COMBINERS[1:]}}
     chosen, test = _choose(scores, cfg.fallback)
     holdout = {"indices": hold.tolist(), "fallback_test": test,
                "honest": bool(honest is not None and np.all(np.asarray(honest)[hold])),
@@ -246,6 +252,8 @@ def combine(name, model, probs, device="cpu"):
     """Global class probabilities (N, K) of combiner ``name`` on local decisions (S, N, K)."""
     if name == "cnn_dnn":
         return predict_coarse(model, probs, device)
+    if name == "average_log_probabilities":
+        return average_log_probabilities(probs)
     if name == "average_probabilities":
         return average_probabilities(np.asarray(probs))
     if name == "majority_vote":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddmpi.coarse.dnn import COMBINERS
 from ddmpi.commands import exit_preempted
 from ddmpi.config import ConfigError, dump, load_config
 from ddmpi.data.atomic import write_text
@@ -178,7 +179,7 @@ def rows_of(name, result):
         key = next(iter(result.combiners))
         return {name: (result.combiners[key], result.test_correct[key])}
     return {n: (result.combiners[n], result.test_correct[n])
-            for n in ("chosen", "cnn_dnn", "average_probabilities", "majority_vote")}
+            for n in ("chosen", *COMBINERS) if n in result.combiners}
 
 
 def summarise(config, ranks, runs, budget):

@@ -7,6 +7,7 @@ LABELS = {
     "global_ddp[parameters]": "global CNN, parameter-matched (DDP)",
     "chosen": "CNN-DNN (combiner chosen on holdout)",
     "cnn_dnn": "CNN-DNN, coarse model",
+    "average_log_probabilities": "averaged log-probabilities (coarse model untrained)",
     "average_probabilities": "averaged probabilities",
     "majority_vote": "majority vote",
     "coherent": "coherent CNN-DNN",
