@@ -33,21 +33,24 @@ HOLDOUT = {
              "these images, so their decisions are over-confident)",
 }
 TIMES = (
-    "Wall time: barrier to barrier, data reading, training, evaluation and outputs included, "
-    "after an untimed warm-up on every rank (training split read once, one forward and "
-    "backward pass), so the first run does not carry the process's start-up costs. Time / "
-    "compute-matched: the ratio of the mean wall times over the seeds; the wall time of every "
-    "seed and its ratio to the compute-matched global CNN's of the same seed are listed above "
-    "the legend. The coherent "
-    "CNN-DNN by transfer starts from a finished CNN-DNN run (the same seed's, or "
-    "compare.transfer_from): its wall time and time to target include that run's wall time. "
-    "Time to target is '-' for the CNN-DNN rows: the CNN-DNN's accuracy exists only after the "
-    "coarse stage, so it has no validation curve over training time.")
+    "Wall time: barrier to barrier, data reading, training and evaluation included, the run's "
+    "report (metrics.json, history, plots) not, after an untimed warm-up on every rank "
+    "(training split read once, one forward and backward pass), so the first run does not "
+    "carry the process's start-up costs. Time / compute-matched: the ratio of the mean wall "
+    "times over the seeds; the wall time of every seed and its ratio to the compute-matched "
+    "global CNN's of the same seed are listed above the legend. The coherent CNN-DNN by "
+    "transfer starts from a finished CNN-DNN run (the same seed's, or compare.transfer_from): "
+    "its wall time and time to target include that run's wall time. Time to target is '-' for "
+    "the CNN-DNN rows: the CNN-DNN's accuracy exists only after the coarse stage, so it has no "
+    "validation curve over training time.")
 PAIRED_TESTS = (
     "Paired tests take the test image as the unit: per image, the CNN-DNN's correctness minus "
     "the baseline's, averaged over the seeds; the bootstrap resamples images (all seeds of an "
     "image together) and the p-value is the exact two-sided sign-flip permutation test of these "
-    "per-image differences (with one seed, the exact McNemar test).")
+    "per-image differences (with one seed, the exact McNemar test). Both hold the trained "
+    "networks fixed and take only the test images as random: they say whether the difference "
+    "holds on this test set for these networks, not whether it survives retraining; the "
+    "per-seed differences show how much it moves between seeds.")
 PEAK_RSS = {
     "run": "Peak RSS: the largest resident set of any rank in any seed, each run's own (the "
            "process's peak is reset at the start of every run).",
@@ -78,7 +81,8 @@ def _cells(row):
 def title(c):
     target = c.get("target_accuracy")
     target = "-" if target is None else f"{100 * target:.2f} % validation accuracy"
-    seeds = "1 seed" if c["seeds"] == 1 else f"{c['seeds']} seeds, mean +- std over the seeds"
+    seeds = ("1 seed" if c["seeds"] == 1 else
+             f"{c['seeds']} seeds, mean +- std over the seeds (sample std, ddof 1)")
     return (f"{c['dataset']}: {c['ranks']} ranks, grid {c['decomposition']['grid']} overlap "
             f"{c['decomposition']['overlap']}, {c['epochs']} epochs; accuracy on the test "
             f"split, {seeds}; target {target} (time to target: first seed's training seconds)")
@@ -140,10 +144,13 @@ def paired_lines(c):
     out = []
     for other, t in c["paired"].items():
         b, seeds = t["bootstrap"], "1 seed" if t["seeds"] == 1 else f"{t['seeds']} seeds"
+        per_seed = t.get("per_seed")
+        by_seed = "" if not per_seed or len(per_seed) < 2 else (
+            "; per seed " + ", ".join(f"{100 * d:+.2f}" for d in per_seed))
         out.append(f"CNN-DNN vs {LABELS.get(other, other)}: accuracy difference "
                    f"{100 * b['diff']:+.2f} points (95 % bootstrap interval over images "
                    f"{100 * b['low']:+.2f} .. {100 * b['high']:+.2f}), sign-flip test p = "
-                   f"{t['sign_flip_p']:.3g} ({t['images']} test images x {seeds})")
+                   f"{t['sign_flip_p']:.3g} ({t['images']} test images x {seeds}){by_seed}")
     return out
 
 
@@ -213,12 +220,15 @@ def plot_comparison(path, c):
         for i, r in enumerate(rows):
             ax.scatter([i] * len(r[key]["values"]), [scale * v for v in r[key]["values"]],
                        color="k", s=8, zorder=3)
-        ax.set(ylabel=name, title=f"{name}, {c['seeds']} seed(s)")
+        ax.set(ylabel=name, title=f"{name}: mean +- sample std, dots: {c['seeds']} seed(s)")
         ax.tick_params(axis="x", rotation=35)
         for tick in ax.get_xticklabels():
             tick.set_ha("right")
     accs = [100 * v for r in rows for v in r["accuracy"]["values"]]
-    ax_acc.set_ylim(max(0, min(accs) - 3), min(100.5, max(accs) + 1))
+    low = max(0, min(accs) - 3)
+    ax_acc.set_ylim(low, min(100.5, max(accs) + 1))
+    if low > 0:
+        ax_acc.set_ylabel(f"test accuracy (%), axis from {low:.0f} %")
     for name, points in c["curves"].items():
         ax_curve.plot([p["elapsed"] for p in points], [100 * p["val_accuracy"] for p in points],
                       marker=".", label=name)
