@@ -85,8 +85,8 @@ def build_parser():
         "(torch DDP), the decomposed CNN-DNN (with majority vote and averaged probabilities), "
         "the coherent CNN-DNN from scratch and by transfer learning from that CNN-DNN; write "
         "comparison.json, comparison.md and comparison.png to the run directory.")
-    compare.add_argument("--config", required=True, help="YAML run configuration (its "
-                         "'compare' section sets the strategies, see ddmpi/config.py)")
+    compare.add_argument("--config", help="YAML run configuration (its 'compare' section "
+                         "sets the strategies, see ddmpi/config.py)")
     compare.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override a config field, e.g. --set compare.coherent_epochs=4")
     compare.add_argument("--run-dir", help="run directory (overrides run.dir)")
@@ -95,6 +95,11 @@ def build_parser():
                          "coherent_transfer (overrides compare.strategies)")
     compare.add_argument("--seeds", type=_positive_int, metavar="N",
                          help="run every strategy with N >= 1 seeds (overrides compare.seeds)")
+    compare.add_argument("--resume", nargs="?", const=RESUME_IF_POSSIBLE, metavar="RUN_DIR",
+                         help="continue the comparison in RUN_DIR: runs finished in an earlier "
+                         "job are read back, the interrupted one continues from its "
+                         "checkpoints; without RUN_DIR, continue the configured run directory "
+                         "if it holds a comparison, else start it")
     return parser
 
 

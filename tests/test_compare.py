@@ -393,7 +393,7 @@ def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
     monkeypatch.setattr(compare, "resolve_widths",
                         lambda config: calls.append("widths") or (None, {}))
 
-    def first_run(cls, config, world):
+    def first_run(cls, config, world, resume):
         calls.append("run")
         raise _Stop
 
@@ -410,7 +410,7 @@ def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeyp
     monkeypatch.setattr(compare, "warm_up", lambda config, world: 0.0)
     monkeypatch.setattr(compare, "resolve_widths", lambda config: (None, {}))
 
-    def finishing(cls, config, world):
+    def finishing(cls, config, world, resume):
         calls.append((cls.__name__, config.run.seed))
         monkeypatch.setitem(preemption._requested, "signal", signal.SIGUSR1)
 
@@ -425,8 +425,8 @@ def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeyp
                             "compare.seeds=2", "run.seed=5"), Group.single())
     assert calls == [("CNNDNN", 5)]
     assert exits == ["ddmpi compare stopped by a signal after cnn_dnn, seed 5 finished; not "
-                     "run: coherent seed 5, cnn_dnn seed 6, coherent seed 6; compare does not "
-                     "resume: run it again (exit 75)"]
+                     "run: coherent seed 5, cnn_dnn seed 6, coherent seed 6; to resume (1 ranks): "
+                     f"ddmpi compare --resume {tmp_path} (exit 75)"]
 
 
 def test_warm_up_binds_and_runs_on_the_data(digits_h5):
@@ -451,8 +451,8 @@ def test_run_compare_refuses_what_it_cannot_compare_fairly(overrides, field):
 
 
 def test_compare_main_passes_every_seed_count_on():
-    args = SimpleNamespace(config=None, set=["data.path=x.h5"], run_dir=None, strategies=None,
-                           seeds=0)
+    args = SimpleNamespace(config="quickstart", set=["data.path=x.h5"], run_dir=None,
+                           strategies=None, seeds=0, resume=None)
     with pytest.raises(ConfigError, match=r"compare\.seeds"):
         compare.main(args, None)
 

@@ -16,6 +16,7 @@ from helpers import assert_all, assert_on_root
 from mpi4py import MPI
 
 from ddmpi.coarse.dnn import predict_coarse
+from ddmpi.commands import compare
 from ddmpi.commands.compare import run_compare
 from ddmpi.config import load_config
 from ddmpi.data.decomposition import Decomposition
@@ -249,3 +250,26 @@ def test_transfer_rejects_a_run_with_another_decomposition(shared, compared):
     except TransferError as err:
         missing = "config.yaml" in str(err)
     assert_all(world, missing, "a missing run was accepted")
+
+
+@pytest.mark.timeout(240)
+def test_resume_reads_every_finished_run_back(compared, monkeypatch):
+    """``--resume`` of the finished comparison trains nothing and compares the same results
+    (read back from the run directories on rank 0; every rank skips the runs)."""
+    world = Group.world()
+    comparison, root, config = compared
+    trained = []
+    monkeypatch.setattr(compare, "run", lambda cls, sub, *args, **kwargs: trained.append(
+        sub.run.dir))
+    again = run_compare(config, world, resume=True)
+    assert_all(world, not trained, f"trained again: {trained}")
+
+    def checks():
+        same = {key: again[key] == comparison[key]
+                for key in ("rows", "paired", "curves", "matched", "coarse", "ranks")}
+        statuses = {r["status"] for runs in again["runs"].values() for r in runs}
+        return {**same, "reused": statuses == {"reused"},
+                "written": json.loads((root / "comparison.json").read_text())["runs"]
+                == again["runs"]}
+
+    assert_on_root(world, checks, "resumed comparison differs")

@@ -1,7 +1,7 @@
 """Stop signals (SIGUSR1/SIGTERM, as Slurm and ``mpirun`` deliver them) never kill a rank of
 ``ddmpi train`` or ``ddmpi compare``: at start-up the run stops at its first batch, during
-rank 0's coarse phase it finishes, and ``compare`` exits 75 naming the run it stopped. The rank
-logs record preemption, resume and fatal errors."""
+rank 0's coarse phase it finishes, and ``compare`` exits 75 naming the run it stopped and the
+command that resumes it. The rank logs record preemption, resume and fatal errors."""
 
 import signal
 import subprocess
@@ -126,6 +126,7 @@ def test_compare_stopped_by_a_signal_exits_75_without_traceback(tmp_path):
     assert proc.returncode == 75, output
     assert "Traceback" not in output and "MPI_ABORT" not in output
     message = ("ddmpi compare stopped by a signal in cnn_dnn, seed 0 (subdomain 0: stopped at "
-               "epoch 1, batch 1); compare does not resume: run it again (exit 75)")
+               f"epoch 1, batch 1); to resume (2 ranks): ddmpi compare --resume {run} "
+               "(exit 75)")
     assert f"[ddmpi rank 0] {message}" in proc.stdout
     assert message in (run / "seed0" / "cnn_dnn" / "logs" / "rank_00000.log").read_text()

@@ -296,6 +296,16 @@ def test_train_cpu_with_two_ranks_under_mpirun(job):
     assert "--mpi=pmix" in (job.dir / "srun.log").read_text()
 
 
+@pytest.mark.parametrize("script, extra", [("train_gpu.sbatch", []),
+                                           ("train_cpu.sbatch", ["--set", "run.device=cpu"])])
+def test_compare_runs_with_the_same_resume_path(job, script, extra):
+    """SUBCOMMAND=compare: the requeued job's ``ddmpi compare --resume`` continues it."""
+    result = job.run(script, SUBCOMMAND="compare")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert job.argv() == ["compare", *expected_train_argv(job, *extra)[1:]]
+    assert "ddmpi compare, config" in result.stdout
+
+
 def test_default_run_dir_is_stable_across_requeues(job):
     del job.env["RUN_DIR"]
     result = job.run("train_gpu.sbatch")

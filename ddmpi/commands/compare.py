@@ -3,20 +3,31 @@
 Runs go to ``RUN_DIR/seed<k>/<strategy>/``; the comparison (table, JSON, plot) to ``RUN_DIR``.
 A stop signal (:mod:`ddmpi.training.preemption`) ends it with exit 75 naming the run it
 stopped (or, when the run it arrived in could finish, that run and the runs left undone,
-before the next run starts); ``compare`` does not resume (its wall times would mix two jobs):
-run it again.
+before the next run starts) and the command that resumes it.
+
+``--resume`` continues a comparison as ``ddmpi train --resume`` continues a run: the runs that
+finished in an earlier job are read back from their run directories, not trained again; the
+interrupted one continues from its checkpoints (its wall time is the sum of its segments); the
+others run. Every run it holds must match the comparison: its configuration (outside
+:data:`RESUMABLE`), its data set and its rank count, else an error naming the run directory
+and what differs. ``compare.seeds``, ``compare.strategies``, ``compare.global_widths`` and
+``compare.target_accuracy`` may change: the comparison is of the runs now configured (a new
+one runs; one no longer configured stays on disk, unused). ``comparison.json`` records per
+run whether this job ran, resumed or reused it, and its segments.
 """
 
 import copy
 import json
+import shlex
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ddmpi.coarse.dnn import COMBINERS
-from ddmpi.commands import exit_preempted
-from ddmpi.config import ConfigError, dump, load_config
+from ddmpi.commands import RESUMABLE as RUN_RESUMABLE
+from ddmpi.commands import check_resumable, exit_preempted, resolve_config, resume_dir_of
+from ddmpi.config import ConfigError, dump
 from ddmpi.data.atomic import write_text
 from ddmpi.data.schema import open_h5, read_info
 from ddmpi.models.cnn import build_cnn
@@ -24,17 +35,31 @@ from ddmpi.models.flops import training_flops
 from ddmpi.parallel import cluster
 from ddmpi.report import comparison as table
 from ddmpi.report.stats import mean_std, paired_bootstrap, sign_flip_test
-from ddmpi.strategies.base import decomposition_of, run
+from ddmpi.strategies.base import dataset_record, decomposition_of, read_result, run
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
 from ddmpi.strategies.global_ddp import cnn_dnn_budget, global_strategy, global_width
 from ddmpi.strategies.local import build_kwargs
+from ddmpi.strategies.rundir import (
+    RunDirError,
+    check_same_dataset,
+    check_writable,
+    clear_outputs,
+    holds_a_run,
+    read_json,
+    update_config,
+)
 from ddmpi.training import preemption
 from ddmpi.training.loop import Preempted
 from ddmpi.training.preemption import EXIT_PREEMPTED
 
 # The rows compared with the CNN-DNN in paired tests, when present.
 PAIRED = ("global_ddp[compute]", "global_ddp[parameters]", "average_probabilities")
+# Fields a resumed comparison may change: a run's (ddmpi train's), and which runs it holds and
+# how they are summarised
+RESUMABLE = RUN_RESUMABLE | {"compare.seeds", "compare.strategies", "compare.global_widths",
+                             "compare.target_accuracy"}
+COMPARISON = ("comparison.json", "comparison.md", "comparison.png")  # the outputs in RUN_DIR
 
 
 def strategies(config, widths=None):
@@ -107,33 +132,21 @@ def read_through(path, split, budget_bytes, block_bytes=64 << 20):
             images[i:i + rows]
 
 
-def run_compare(config, world):
-    """Run every strategy for every seed; the comparison dict on rank 0, None elsewhere."""
+def run_compare(config, world, resume=False):
+    """Run every strategy for every seed (``resume``: continue the comparison in RUN_DIR, see
+    the module's docstring); the comparison dict on rank 0, None elsewhere."""
     check(config)
     root = Path(config.run.dir)
-    if world.rank == 0:
-        write_text(root / "config.yaml", dump(config))
+    finished = open_compare(config, world, resume)
     seconds = warm_up(config, world)
     budget, widths = resolve_widths(config)
     if world.rank == 0:
         print(f"=== ddmpi compare: untimed warm-up, {seconds:.1f} s", flush=True)
-    runs, plan = {}, schedule(config, widths)
-    for i, (k, name, cls) in enumerate(plan):
-        if i:
-            stop_between_runs(world, config, plan[i - 1], plan[i:])
-        sub = copy.deepcopy(config)
-        sub.run.seed = config.run.seed + k
-        sub.run.dir = str(root / f"seed{k}" / name)
-        if world.rank == 0:
-            print(f"=== ddmpi compare: {name}, seed {sub.run.seed}, {world.size} ranks",
-                  flush=True)
-        world.barrier()
-        result = run_or_exit(cls, sub, world, name)
-        world.barrier()
-        runs.setdefault(name, []).append(result)
+    runs = run_plan(config, world, schedule(config, widths), finished, resume)
     if world.rank != 0:
         return None
     comparison = summarise(config, world.size, runs, budget)
+    comparison["runs"] = provenance(config, runs, finished)
     print("\n" + table.format_table(comparison), flush=True)
     write_text(root / "comparison.json", json.dumps(comparison, indent=2, default=float) + "\n")
     write_text(root / "comparison.md", table.format_markdown(comparison))
@@ -143,34 +156,167 @@ def run_compare(config, world):
     return comparison
 
 
-def schedule(config, widths):
+def schedule(config, widths=None):
     """``(seed index, run name, strategy class)`` of every run, in the order they run."""
     return [(k, name, cls) for k in range(config.compare.seeds)
             for name, cls in strategies(config, widths)]
 
 
+def run_config(config, k, name):
+    """The configuration of run ``name`` of seed index ``k``: ``run.seed + k``, in
+    ``RUN_DIR/seed<k>/<name>``."""
+    sub = copy.deepcopy(config)
+    sub.run.seed = config.run.seed + k
+    sub.run.dir = str(Path(config.run.dir) / f"seed{k}" / name)
+    return sub
+
+
+def run_plan(config, world, plan, finished, resume):
+    """Every run of ``plan``, those ``finished`` in an earlier job read back: ``{name: [result
+    per seed]}`` (the results on rank 0, None elsewhere)."""
+    runs, done = {}, None
+    for i, (k, name, cls) in enumerate(plan):
+        result = finished.get((k, name))
+        if result is None:
+            if done:
+                left = [p for p in plan[i:] if p[:2] not in finished]
+                stop_between_runs(world, config, done, left)
+            result = run_one(cls, run_config(config, k, name), world, name, resume)
+            done = (k, name)
+        elif world.rank == 0:
+            print(f"=== ddmpi compare: {name}, seed {config.run.seed + k}: finished in an "
+                  f"earlier job ({len(result.segments)} segment(s), "
+                  f"{result.wall_seconds:.1f} s), read back", flush=True)
+        runs.setdefault(name, []).append(result)
+    return runs
+
+
+def run_one(cls, config, world, name, resume):
+    """:func:`~ddmpi.strategies.base.run` one strategy between barriers (its wall time is its
+    own); after a stop signal, exit 75 saying which run stopped and how to resume (the run
+    continues from its checkpoints)."""
+    if world.rank == 0:
+        print(f"=== ddmpi compare: {name}, seed {config.run.seed}, {world.size} ranks",
+              flush=True)
+    world.barrier()
+    try:
+        result = run(cls, config, world, resume=resume)
+    except Preempted as stop:
+        root = Path(config.run.dir).parents[1]  # RUN_DIR of RUN_DIR/seed<k>/<name>
+        exit_preempted(world.rank, f"ddmpi compare stopped by a signal in {name}, seed "
+                       f"{config.run.seed} ({stop}); to resume ({world.size} ranks): "
+                       f"{resume_command(root)} (exit {EXIT_PREEMPTED})")
+    world.barrier()
+    return result
+
+
+def open_compare(config, world, resume):
+    """Collective: prepare RUN_DIR on rank 0 (:func:`prepare_compare_dir`, an error there
+    raised on every rank); the runs finished in an earlier job, ``{(seed index, name):
+    RunResult}``."""
+    outcome = None
+    if world.rank == 0:
+        try:
+            outcome = prepare_compare_dir(config, world.size, resume)
+        except (ValueError, OSError) as err:
+            outcome = err
+    outcome = world.bcast(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def prepare_compare_dir(config, ranks, resume):
+    """Rank 0: store the configuration in RUN_DIR. Resuming a comparison held there checks
+    its runs (:func:`held_runs`) and returns those finished; a new one removes an earlier
+    comparison's outputs, so that a later ``--resume`` cannot take them for its own."""
+    root = Path(config.run.dir)
+    check_writable(root)
+    if resume and holds_a_compare(root):
+        finished = held_runs(config, ranks)
+        changed = update_config(root, config)
+        if changed:
+            print("=== ddmpi compare: resumed with changed fields (config.yaml updated): "
+                  + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed),
+                  flush=True)
+        return finished
+    cleared = [d for d in sorted(root.glob("seed*/*")) if d.is_dir() and clear_outputs(d)]
+    for name in COMPARISON:
+        (root / name).unlink(missing_ok=True)
+    if cleared:
+        print(f"=== ddmpi compare: {root} held an earlier comparison: the outputs of its "
+              f"{len(cleared)} runs were removed (--resume continues it instead)", flush=True)
+    write_text(root / "config.yaml", dump(config))
+    return {}
+
+
+def holds_a_compare(root):
+    """Whether ``root`` holds a comparison to continue: its configuration and a run with a
+    checkpoint."""
+    return (Path(root) / "config.yaml").is_file() and any(
+        holds_a_run(d) for d in Path(root).glob("seed*/*"))
+
+
+def held_runs(config, ranks):
+    """Rank 0, on resume: check every configured run held in RUN_DIR (:func:`check_held`);
+    return those finished, read back: ``{(seed index, name): RunResult}``."""
+    record, finished = None, {}
+    for k, name, _ in schedule(config):
+        sub = run_config(config, k, name)
+        run_dir = Path(sub.run.dir)
+        if not holds_a_run(run_dir):
+            continue
+        record = record or dataset_record(read_info(config.data.path))
+        check_held(run_dir, sub, record, ranks)
+        if (run_dir / "metrics.json").is_file():
+            finished[k, name] = read_result(run_dir)
+    return finished
+
+
+def check_held(run_dir, config, record, ranks):
+    """A run held in ``run_dir`` belongs to this comparison: the same configuration (outside
+    :data:`RESUMABLE`), data set (``record``) and rank count (its wall time compares with the
+    others'); an error naming ``run_dir`` and what differs otherwise."""
+    check_resumable(run_dir / "config.yaml", config, RESUMABLE,
+                    "a resumed comparison keeps the configuration of its runs")
+    check_same_dataset(run_dir, record)
+    path = run_dir / "segments.json"
+    started = {s["ranks"] for s in read_json(path)} if path.is_file() else {ranks}
+    if started != {ranks}:
+        raise RunDirError(f"{run_dir}: ran on {', '.join(map(str, sorted(started)))} ranks, "
+                          f"this job has {ranks}; a resumed comparison keeps its rank count "
+                          f"(its wall times compare runs on as many ranks)")
+
+
+def resume_command(root):
+    """The command line that resumes the comparison in ``root``."""
+    return f"ddmpi compare --resume {shlex.quote(str(root))}"
+
+
 def stop_between_runs(world, config, done, left):
     """Collective: exit 75 before the next run if any rank received a stop signal (one that
-    arrived while the run ``done`` was finishing, which lets it finish), naming that run and
-    the runs ``left`` undone."""
+    arrived while the run ``done`` was finishing, which lets it finish), naming that run, the
+    runs ``left`` undone and how to resume."""
     if not world.any(preemption.requested()):
         return
     seed = config.run.seed
     undone = ", ".join(f"{name} seed {seed + k}" for k, name, _ in left)
     exit_preempted(world.rank, f"ddmpi compare stopped by a signal after {done[1]}, seed "
-                   f"{seed + done[0]} finished; not run: {undone}; compare does not resume: "
-                   f"run it again (exit {EXIT_PREEMPTED})")
+                   f"{seed + done[0]} finished; not run: {undone}; to resume ({world.size} "
+                   f"ranks): {resume_command(config.run.dir)} (exit {EXIT_PREEMPTED})")
 
 
-def run_or_exit(cls, config, world, name):
-    """:func:`~ddmpi.strategies.base.run` one strategy; after a stop signal, exit 75 saying
-    which run stopped and that the comparison must be run again."""
-    try:
-        return run(cls, config, world)
-    except Preempted as stop:
-        exit_preempted(world.rank, f"ddmpi compare stopped by a signal in {name}, seed "
-                       f"{config.run.seed} ({stop}); compare does not resume: run it again "
-                       f"(exit {EXIT_PREEMPTED})")
+def provenance(config, runs, finished):
+    """Per run name, per seed: how this job got the run ("ran", "resumed" from its
+    checkpoints, or "reused": finished in an earlier job, read back) and its segments (one
+    per job it ran in)."""
+    out = {}
+    for name, results in runs.items():
+        out[name] = [{"seed": config.run.seed + k, "segments": len(r.segments),
+                      "status": "reused" if (k, name) in finished else
+                      "resumed" if r.segments[-1]["resumed"] else "ran"}
+                     for k, r in enumerate(results)]
+    return out
 
 
 def rows_of(name, result):
@@ -336,4 +482,7 @@ def main(args, world):
         overrides.append(f"compare.strategies=[{', '.join(names)}]")
     if args.seeds is not None:
         overrides.append(f"compare.seeds={args.seeds}")
-    run_compare(load_config(args.config, overrides), world)
+    resume_dir = resume_dir_of(args, overrides)
+    config = resolve_config(args.config, overrides, resume_dir, holds_a_compare, RESUMABLE,
+                            "compare")
+    run_compare(config, world, resume=resume_dir is not None)

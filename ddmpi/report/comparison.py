@@ -102,8 +102,9 @@ def format_table(c):
 
 
 def notes(c):
-    """The lines under the table: matched targets, per-seed wall times, paired tests."""
-    return matched_lines(c) + wall_lines(c) + paired_lines(c)
+    """The lines under the table: matched targets, per-seed wall times, runs started in an
+    earlier job, paired tests."""
+    return matched_lines(c) + wall_lines(c) + jobs_lines(c) + paired_lines(c)
 
 
 def matched_lines(c):
@@ -138,6 +139,17 @@ def wall_lines(c):
             line += "; ratio to compute-matched " + ", ".join(f"{r:.2f}" for r in ratios)
         out.append(line)
     return out
+
+
+def jobs_lines(c):
+    """The runs this job did not run from the start (``ddmpi compare --resume``)."""
+    earlier = [f"{RUN_LABELS.get(name, name)} seed {r['seed']} {r['status']}, "
+               f"{r['segments']} segment{'s' if r['segments'] > 1 else ''}"
+               for name, runs in c.get("runs", {}).items() for r in runs if r["status"] != "ran"]
+    if not earlier:
+        return []
+    return ["runs started in an earlier job (a run's wall time is the sum of its segments, "
+            "one per job it ran in): " + "; ".join(earlier)]
 
 
 def paired_lines(c):

@@ -9,7 +9,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -30,6 +30,7 @@ from ddmpi.strategies.rundir import (
     end_segment,
     holds_a_run,
     rank_logger,
+    read_json,
     start_segment,
     update_config,
 )
@@ -292,12 +293,9 @@ def decomposition_of(config, info):
 
 
 def write_outputs(ctx, result):
-    """metrics.json, history.json, per-sample correctness and plots of a finished run."""
+    """History, per-sample correctness, plots and, last (a run with one has finished: see
+    :func:`read_result`), metrics.json of a finished run."""
     run_dir, config, info = ctx.run_dir, ctx.config, ctx.info
-    metrics = {"ddmpi_version": __import__("ddmpi").__version__, "config": to_dict(config),
-               "dataset": json.loads((run_dir / "dataset.json").read_text()),
-               "ranks": ctx.world.size, **result.metrics()}
-    report.write_metrics(run_dir / "metrics.json", metrics)
     report.write_metrics(run_dir / "history.json", result.history)
     report.save_arrays(run_dir / "test_correct.npz", result.test_correct)
     report.plot_training_curves(run_dir / "plots" / "training_curves.png", result.history)
@@ -308,8 +306,26 @@ def write_outputs(ctx, result):
     for name, m in result.combiners.items():
         report.plot_confusion(run_dir / "plots" / f"confusion_{name}.png",
                               m["confusion_matrix"], info.classes, f"{name} (test)")
+    metrics = {"ddmpi_version": __import__("ddmpi").__version__, "config": to_dict(config),
+               "dataset": json.loads((run_dir / "dataset.json").read_text()),
+               "ranks": ctx.world.size, **result.metrics()}
+    report.write_metrics(run_dir / "metrics.json", metrics)
     ctx.log.info("\n" + report.results_table(
         {name: m["accuracy"] for name, m in result.combiners.items()}))
     segments = len(result.segments)
     over = f" over {segments} segments" if segments > 1 else ""
     ctx.log.info(f"run directory: {run_dir} ({result.wall_seconds:.1f} s{over})")
+
+
+def read_result(run_dir):
+    """The :class:`RunResult` of a finished run, read back from what :func:`write_outputs`
+    wrote (metrics.json and test_correct.npz)."""
+    path = Path(run_dir) / "metrics.json"
+    body = read_json(path)
+    names = [f.name for f in fields(RunResult) if f.name != "test_correct"]
+    missing = [name for name in names if name not in body]
+    if missing:
+        raise RunDirError(f"{path}: no {missing[0]!r}; not the metrics.json of a finished run")
+    with np.load(Path(run_dir) / "test_correct.npz") as arrays:
+        correct = {name: arrays[name] for name in arrays.files}
+    return RunResult(test_correct=correct, **{name: body[name] for name in names})

@@ -2,7 +2,7 @@
 
 The handler only sets a flag; the training loop polls it after every batch, writes a resumable
 checkpoint and exits with :data:`EXIT_PREEMPTED`. The batch script then requeues the job, and
-``ddmpi train --resume`` continues where every rank stopped.
+``ddmpi train --resume`` (or ``ddmpi compare --resume``) continues where every rank stopped.
 
 The CLI installs the handler before its heavy imports, so that a signal during start-up stops
 the run at its first batch instead of killing the rank; a rank whose work is done ignores the

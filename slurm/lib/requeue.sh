@@ -14,7 +14,8 @@
 #      with 75 (EX_TEMPFAIL). The shell keeps waiting until srun has exited.
 #   4. If USR1 came and the step did not finish successfully (exit != 0), the shell runs
 #      "scontrol requeue $SLURM_JOB_ID": the job goes back to the queue with the same job id,
-#      so the same RUN_DIR is used and "ddmpi train --resume" continues from the checkpoints.
+#      so the same RUN_DIR is used and "ddmpi train --resume" (or "ddmpi compare --resume")
+#      continues from the checkpoints.
 #      If the step exited 0 (training finished within the warning window), nothing is requeued.
 #
 # SIGTERM (scancel, time limit reached, preemption) is delivered by Slurm to the step's tasks
