@@ -13,7 +13,8 @@ import pytest
 from ddmpi.cli import build_parser
 from ddmpi.coarse.dnn import CoarseNet
 from ddmpi.commands import compare
-from ddmpi.commands.compare import paired_tests, run_compare, strategies, summarise, warm_up
+from ddmpi.commands.compare import run_compare, strategies, warm_up
+from ddmpi.report.summary import paired_tests, summarise
 from ddmpi.config import ConfigError, load_config
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.schema import read_info
@@ -225,14 +226,41 @@ def test_summarise_mean_std_costs_and_paired_tests():
     assert list(c["curves"]) == ["global_ddp[compute]", "global_ddp[parameters]", "coherent",
                                  "coherent_transfer"]
     assert [p["elapsed"] for p in c["curves"]["coherent"]] == [2.0, 4.0]
-    # time to target: the lowest best validation accuracy of the curves, reached by every one
-    target = min(max(p["val_accuracy"] for p in line) for line in c["curves"].values())
+    # time to target: the lowest best validation accuracy of the curves with held-out
+    # validation, reached by every one; the transfer's validation decisions trained its
+    # coarse DNN (train_on: train+val), so it has none
+    assert c["validation_not_held_out"] == ["coherent_transfer"]
+    fair = {n: line for n, line in c["curves"].items() if n != "coherent_transfer"}
+    target = min(max(p["val_accuracy"] for p in line) for line in fair.values())
     assert c["target_accuracy"] == target
-    for name, line in c["curves"].items():
+    for name, line in fair.items():
         first = next(p["elapsed"] for p in line if p["val_accuracy"] >= target)
         assert rows[name]["time_to_target"] == first
     assert rows["cnn_dnn"]["time_to_target"] is None
+    assert rows["coherent_transfer"]["time_to_target"] is None
+    assert "Coherent CNN-DNN, transfer: no time to target" in format_markdown(c)
+    per_seed = c["paired"]["global_ddp[compute]"]["per_seed"]
+    assert per_seed == pytest.approx((mine.mean(1) - base.mean(1)).tolist())
+    assert "per seed " + ", ".join(f"{100 * d:+.2f}" for d in per_seed) in format_table(c)
     json.dumps(c, default=float)
+
+
+def test_time_to_target_needs_two_curves_and_a_held_out_validation():
+    """One curve gives no default target (it would be that curve's own best); with
+    coarse.train_on: train the transfer's validation decisions are held out and count."""
+    runs = {k: v for k, v in _fake_runs().items() if k in ("global_ddp[compute]", "cnn_dnn")}
+    c = summarise(_config("compare.seeds=2"), 2, runs, BUDGET)
+    assert c["target_accuracy"] is None
+    assert rows_none(c)
+    c = summarise(_config("compare.seeds=2", "compare.target_accuracy=0.5"), 2, runs, BUDGET)
+    assert c["rows"]["global_ddp[compute]"]["time_to_target"] is not None
+    c = summarise(_config("compare.seeds=2", "coarse.train_on=train"), 2, _fake_runs(), BUDGET)
+    assert c["validation_not_held_out"] == []
+    assert c["rows"]["coherent_transfer"]["time_to_target"] is not None
+
+
+def rows_none(c):
+    return all(row["time_to_target"] is None for row in c["rows"].values())
 
 
 def test_summarise_states_the_matched_targets_per_seed_walls_and_peak_memory():
@@ -322,7 +350,8 @@ def test_transfer_is_charged_the_cnn_dnn_run_it_starts_from(tmp_path):
     assert rows["coherent_transfer"]["wall_seconds"]["values"] == [10.0 + 40.0, 10.0 + 42.0]
     assert rows["coherent"]["wall_seconds"]["values"] == [50.0, 50.0]
     assert [p["elapsed"] for p in lines["coherent_transfer"]] == [42.0, 44.0]
-    assert rows["coherent_transfer"]["time_to_target"] >= 42.0
+    held_out = summarise(_config("compare.seeds=2", "coarse.train_on=train"), 2, runs, BUDGET)
+    assert held_out["rows"]["coherent_transfer"]["time_to_target"] >= 42.0
 
     (tmp_path / "metrics.json").write_text(json.dumps({"wall_seconds": 500.0}))
     elsewhere = summarise(_config("compare.seeds=2", f"compare.transfer_from={tmp_path}"), 2,
@@ -368,7 +397,7 @@ def test_comparison_table_markdown_and_plot(tmp_path):
     assert "| global CNN, compute-matched (DDP) |" in markdown
     assert "| coherent CNN-DNN |" in markdown and "Compute-matched" in markdown
     for text in ("untimed warm-up", "include that run's wall time",
-                 "Time to target is '-' for the CNN-DNN rows", "sign-flip permutation test"):
+                 "'-' for the CNN-DNN rows", "sign-flip permutation test"):
         assert text in markdown, text
     plot_comparison(tmp_path / "comparison.png", c)
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"

@@ -95,7 +95,8 @@ def test_compare_end_to_end(compared):
         walls = [{name: m["wall_seconds"] for name, m in seed.items()} for seed in seeds]
         return {
             "rows": list(rows) == ["global_ddp[compute]", "global_ddp[parameters]", "chosen",
-                                   "cnn_dnn", "average_probabilities", "majority_vote",
+                                   "cnn_dnn", "average_log_probabilities",
+                                   "average_probabilities", "majority_vote",
                                    "coherent", "coherent_transfer"],
             "json = returned": list(rows) == list(comparison["rows"]),
             "files": all((root / f).stat().st_size > 0 for f in (

@@ -256,8 +256,8 @@ def test_compare_stopped_by_a_signal_resumes_where_it_stopped(tmp_path):
     assert metrics["wall_seconds"] == pytest.approx(
         sum(s["wall_seconds"] for s in metrics["segments"]))
     comparison = json.loads((root / "comparison.json").read_text())
-    assert list(comparison["rows"]) == ["chosen", "cnn_dnn", "average_probabilities",
-                                        "majority_vote", "coherent"]
+    assert list(comparison["rows"]) == ["chosen", "cnn_dnn", "average_log_probabilities",
+                                        "average_probabilities", "majority_vote", "coherent"]
     assert all(r["accuracy"]["n"] == 2 for r in comparison["rows"].values())
     assert comparison["rows"]["cnn_dnn"]["wall_seconds"]["values"][1] == metrics["wall_seconds"]
     assert comparison["runs"] == {

@@ -40,9 +40,18 @@ TIMES = (
     "times over the seeds; the wall time of every seed and its ratio to the compute-matched "
     "global CNN's of the same seed are listed above the legend. The coherent CNN-DNN by "
     "transfer starts from a finished CNN-DNN run (the same seed's, or compare.transfer_from): "
-    "its wall time and time to target include that run's wall time. Time to target is '-' for "
-    "the CNN-DNN rows: the CNN-DNN's accuracy exists only after the coarse stage, so it has no "
-    "validation curve over training time.")
+    "its wall time and time to target include that run's wall time.")
+TARGET = (
+    "Time to target: the first seed's training seconds until its validation accuracy first "
+    "reaches the target (compare.target_accuracy; by default the lowest of the curves' best "
+    "validation accuracies, so that every curve reaches it; no default with fewer than two "
+    "curves, where the target would be a curve's own best). '-' for the CNN-DNN rows: the "
+    "CNN-DNN's accuracy exists only after the coarse stage, so it has no validation curve over "
+    "training time.")
+NOT_HELD_OUT = (
+    " {names}: no time to target and no say in the default target, since the coarse DNN it "
+    "starts from trained on validation decisions (coarse.train_on other than train), so its "
+    "validation accuracy is not held out (its test accuracy is).")
 PAIRED_TESTS = (
     "Paired tests take the test image as the unit: per image, the CNN-DNN's correctness minus "
     "the baseline's, averaged over the seeds; the bootstrap resamples images (all seeds of an "
@@ -177,9 +186,18 @@ def format_markdown(c):
 
 def legend(c):
     """What the table's columns and rows are, for this comparison."""
-    return " ".join(filter(None, (costs_sentence(c), TIMES,
+    return " ".join(filter(None, (costs_sentence(c), TIMES, target_sentence(c),
                                   PEAK_RSS[c.get("rss_scope", "process")],
                                   holdout_sentence(c["coarse"]), PAIRED_TESTS)))
+
+
+def target_sentence(c):
+    """How time to target is measured, and which curves it leaves out."""
+    names = c.get("validation_not_held_out")
+    if not names:
+        return TARGET
+    listed = ", ".join(LABELS.get(n, n) for n in names)
+    return TARGET + NOT_HELD_OUT.format(names=listed[0].upper() + listed[1:])
 
 
 def costs_sentence(c):
