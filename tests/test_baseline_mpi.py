@@ -12,7 +12,7 @@ from ddmpi.data.schema import read_info
 from ddmpi.models.cnn import build_cnn
 from ddmpi.models.flops import training_flops
 from ddmpi.parallel.group import Group
-from ddmpi.strategies.base import decomposition_of, open_run, run
+from ddmpi.strategies.base import decomposition_of, model_title, open_run, run
 from ddmpi.strategies.global_ddp import global_strategy, global_width, local_budget
 from ddmpi.strategies.local import build_kwargs
 
@@ -105,6 +105,9 @@ def test_run_writes_its_run_directory(mpi_digits, mpi_tmp_path):
                 "config.yaml", "dataset.json", "history.json", "test_correct.npz",
                 "plots/training_curves.png", "plots/confusion_global_ddp.png",
                 "logs/rank_00000.log")),
+            # one model: no accuracy-by-combiner bar chart, and plots name the global CNN
+            "no combiner plot": not (run_dir / "plots/accuracy_by_combiner.png").exists(),
+            "plot title": model_title(result) == f"global CNN (width {result.extra['width']})",
         }
 
     assert_on_root(world, checks, "run directory checks failed")

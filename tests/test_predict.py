@@ -56,7 +56,8 @@ def global_run(trained):
 def test_hdf5_split_reproduces_training_metrics(trained):
     run, data, result = trained
     labels = read_labels(data, "test")
-    for combiner in ("cnn_dnn", "majority_vote", "average_probabilities", "chosen"):
+    for combiner in ("cnn_dnn", "average_log_probabilities", "majority_vote",
+                     "average_probabilities", "chosen"):
         probs, ids, got = predict(run, [str(data)], SELF, "test", combiner)
         assert probs.shape == (len(labels), 10) and len(ids) == len(labels)
         np.testing.assert_array_equal(got, labels)

@@ -78,8 +78,8 @@ def _check_run(run):
     try:
         histories = json.loads((run / "history.json").read_text())
         written = json.loads((run / "metrics.json").read_text())
-        if set(written["combiners"]) != {"cnn_dnn", "majority_vote", "average_probabilities",
-                                         "chosen"}:
+        if set(written["combiners"]) != {"cnn_dnn", "average_log_probabilities",
+                                         "majority_vote", "average_probabilities", "chosen"}:
             return f"combiners {sorted(written['combiners'])}"
         n_val = read_info(written["dataset"]["path"]).splits["val"]
         for sub in range(4):

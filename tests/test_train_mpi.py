@@ -15,7 +15,8 @@ from ddmpi.strategies.cnn_dnn import CNNDNN
 OVERRIDES = ["local.epochs=2", "decomposition.grid=[2, 2]", "decomposition.overlap=1",
              "local.model.width=8", "coarse.epochs=20", "run.threads_per_rank=1",
              "run.device=cpu"]
-COMBINERS = {"cnn_dnn", "majority_vote", "average_probabilities", "chosen"}
+COMBINERS = {"cnn_dnn", "average_log_probabilities", "majority_vote", "average_probabilities",
+             "chosen"}
 
 
 @pytest.mark.mpi(min_size=2)

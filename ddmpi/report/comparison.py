@@ -245,7 +245,9 @@ def plot_comparison(path, c):
     for ax, key, scale, name in ((ax_acc, "accuracy", 100, "test accuracy (%)"),
                                  (ax_time, "wall_seconds", 1, "wall time (s)")):
         means = [scale * r[key]["mean"] for r in rows]
-        ax.bar(labels, means, yerr=[scale * r[key]["std"] for r in rows], capsize=3,
+        spread = [scale * r[key]["std"] for r in rows]
+        top = [s if key != "accuracy" else min(s, 100.0 - m) for m, s in zip(means, spread)]
+        ax.bar(labels, means, yerr=[spread, top], capsize=3,
                color=[f"C{i}" for i in range(len(rows))])
         for i, r in enumerate(rows):
             ax.scatter([i] * len(r[key]["values"]), [scale * v for v in r[key]["values"]],

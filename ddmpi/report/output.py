@@ -50,17 +50,18 @@ def _save(fig, path):
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_training_curves(path, histories):
-    """Validation accuracy and training loss per epoch, one line per subdomain."""
+def plot_training_curves(path, histories, model="local CNNs"):
+    """Validation accuracy and training loss per epoch of ``model``: one line per entry of
+    ``histories`` (per subdomain for the local CNNs)."""
     plt = _pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for sub, history in sorted(histories.items()):
         epochs = [r["epoch"] for r in history]
         ax_acc.plot(epochs, [r["val_accuracy"] for r in history], marker=".", label=str(sub))
         ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label=str(sub))
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="local CNNs: validation")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title=f"{model}: validation")
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log",
-                title="local CNNs: training loss")
+                title=f"{model}: training loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize="small", ncol=max(1, math.ceil(len(histories) / 8)))

@@ -292,17 +292,30 @@ def decomposition_of(config, info):
         raise ConfigError(f"config field 'decomposition': {err}") from err
 
 
+def model_title(result):
+    """What a run's training curves show, for plot titles."""
+    if result.strategy == "cnn_dnn":
+        return "local CNNs"
+    name = {"global_ddp": "global CNN", "coherent": "coherent CNN-DNN",
+            "coherent_transfer": "coherent CNN-DNN, transfer"}.get(result.strategy,
+                                                                  result.strategy)
+    width = result.extra.get("width")
+    return name if width is None else f"{name} (width {width})"
+
+
 def write_outputs(ctx, result):
     """History, per-sample correctness, plots and, last (a run with one has finished: see
     :func:`read_result`), metrics.json of a finished run."""
     run_dir, config, info = ctx.run_dir, ctx.config, ctx.info
     report.write_metrics(run_dir / "history.json", result.history)
     report.save_arrays(run_dir / "test_correct.npz", result.test_correct)
-    report.plot_training_curves(run_dir / "plots" / "training_curves.png", result.history)
-    report.plot_accuracy_by_combiner(
-        run_dir / "plots" / "accuracy_by_combiner.png",
-        {name: m["accuracy"] for name, m in result.combiners.items()},
-        result.extra.get("local_test_accuracy"))
+    report.plot_training_curves(run_dir / "plots" / "training_curves.png", result.history,
+                                model_title(result))
+    if len(result.combiners) > 1:  # one model's single bar would show nothing
+        report.plot_accuracy_by_combiner(
+            run_dir / "plots" / "accuracy_by_combiner.png",
+            {name: m["accuracy"] for name, m in result.combiners.items()},
+            result.extra.get("local_test_accuracy"))
     for name, m in result.combiners.items():
         report.plot_confusion(run_dir / "plots" / f"confusion_{name}.png",
                               m["confusion_matrix"], info.classes, f"{name} (test)")
