@@ -453,7 +453,7 @@ def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeyp
         run_compare(_config(f"run.dir={tmp_path}", "compare.strategies=[cnn_dnn, coherent]",
                             "compare.seeds=2", "run.seed=5"), Group.single())
     assert calls == [("CNNDNN", 5)]
-    assert exits == ["ddmpi compare stopped by a signal after cnn_dnn, seed 5 finished; not "
+    assert exits == ["ddmpi compare stopped by SIGUSR1 after cnn_dnn, seed 5 finished; not "
                      "run: coherent seed 5, cnn_dnn seed 6, coherent seed 6; to resume (1 ranks): "
                      f"ddmpi compare --resume {tmp_path} (exit 75)"]
 

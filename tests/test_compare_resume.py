@@ -237,7 +237,7 @@ def test_compare_stopped_by_a_signal_resumes_where_it_stopped(tmp_path):
                       f"data.path={data}", *sets, "--run-dir", str(root), "--resume")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 75, proc.stdout + proc.stderr
-    message = ("ddmpi compare stopped by a signal in cnn_dnn, seed 1 (subdomain 0: stopped at "
+    message = ("ddmpi compare stopped by SIGUSR1 in cnn_dnn, seed 1 (subdomain 0: stopped at "
                f"epoch 1, batch 1); to resume (2 ranks): ddmpi compare --resume {root} "
                "(exit 75)")
     assert f"[ddmpi rank 0] {message}" in proc.stdout
@@ -252,7 +252,7 @@ def test_compare_stopped_by_a_signal_resumes_where_it_stopped(tmp_path):
     assert "subdomain 0: resumed from" in log and "continuing epoch 1 after batch 1" in log
     metrics = json.loads((root / "seed1" / "cnn_dnn" / "metrics.json").read_text())
     assert [(s["resumed"], s["end"]) for s in metrics["segments"]] == [
-        (False, "preempted"), (True, "finished")]
+        (False, "signal"), (True, "finished")]
     assert metrics["wall_seconds"] == pytest.approx(
         sum(s["wall_seconds"] for s in metrics["segments"]))
     comparison = json.loads((root / "comparison.json").read_text())

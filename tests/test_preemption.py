@@ -80,10 +80,10 @@ def test_signal_at_start_up_stops_the_run_which_resumes(tmp_path):
     assert proc.returncode == 75, proc.stdout + proc.stderr
     assert "exited on signal" not in proc.stdout + proc.stderr
     for rank, sub in ((0, 0), (1, 2)):
-        assert (f"[ddmpi rank {rank}] preempted (subdomain {sub}: stopped at epoch 1, batch 1)"
+        assert (f"[ddmpi rank {rank}] stopped by SIGUSR1 (subdomain {sub}: stopped at epoch 1, batch 1)"
                 in proc.stdout)
         log = (run / "logs" / f"rank_{rank:05d}.log").read_text()
-        assert f"WARNING preempted (subdomain {sub}: stopped at epoch 1, batch 1)" in log
+        assert f"WARNING stopped by SIGUSR1 (subdomain {sub}: stopped at epoch 1, batch 1)" in log
 
     cmd, env = mpirun(2, "python", "-m", "ddmpi", "train", "--resume", str(run))
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -125,8 +125,22 @@ def test_compare_stopped_by_a_signal_exits_75_without_traceback(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 75, output
     assert "Traceback" not in output and "MPI_ABORT" not in output
-    message = ("ddmpi compare stopped by a signal in cnn_dnn, seed 0 (subdomain 0: stopped at "
+    message = ("ddmpi compare stopped by SIGUSR1 in cnn_dnn, seed 0 (subdomain 0: stopped at "
                f"epoch 1, batch 1); to resume (2 ranks): ddmpi compare --resume {run} "
                "(exit 75)")
     assert f"[ddmpi rank 0] {message}" in proc.stdout
     assert message in (run / "seed0" / "cnn_dnn" / "logs" / "rank_00000.log").read_text()
+
+
+def test_the_stop_is_named_by_its_signal(monkeypatch):
+    """segments.json and the exit message say which signal stopped the run, not 'preempted':
+    a SIGTERM may also be the launcher ending the job after another rank failed."""
+    from ddmpi.training import preemption
+
+    monkeypatch.setitem(preemption._requested, "signal", None)
+    assert preemption.describe() == "a stop on another rank"
+    monkeypatch.setitem(preemption._requested, "signal", signal.SIGUSR1)
+    assert preemption.describe() == "SIGUSR1"
+    monkeypatch.setitem(preemption._requested, "signal", signal.SIGTERM)
+    assert preemption.describe().startswith("SIGTERM (") and "another rank failed" in (
+        preemption.describe())

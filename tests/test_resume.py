@@ -192,5 +192,5 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_metrics(tmp_path, 
     final = json.loads((run / "metrics.json").read_text())
     segments = final["segments"]
     assert [(s["resumed"], s["end"]) for s in segments] == [
-        (False, "preempted"), (True, "finished"), (True, "finished")]
+        (False, "signal"), (True, "finished"), (True, "finished")]
     assert final["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in segments))

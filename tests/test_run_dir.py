@@ -171,11 +171,12 @@ def test_segments_record_every_start_of_a_run(digits_h5, tmp_path):
 
     run_dir = tmp_path / "run"
     _trained_run(run_dir, digits_h5)
-    end_segment(run_dir, 5.0, "preempted")
+    end_segment(run_dir, 5.0, "signal", "SIGUSR1")
     open_run(_config(digits_h5, run_dir), SELF, resume=True)
     segments = end_segment(run_dir, 2.0, "finished")
     assert [(s["resumed"], s["ranks"], s["wall_seconds"], s["end"]) for s in segments] == [
-        (False, 1, 5.0, "preempted"), (True, 1, 2.0, "finished")]
+        (False, 1, 5.0, "signal"), (True, 1, 2.0, "finished")]
+    assert segments[0]["signal"] == "SIGUSR1" and "signal" not in segments[1]
 
 
 def test_flip_axes_must_be_axes_of_the_data(digits_h5, tmp_path):

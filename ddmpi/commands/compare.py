@@ -200,9 +200,9 @@ def run_one(cls, config, world, name, resume):
         result = run(cls, config, world, resume=resume)
     except Preempted as stop:
         root = Path(config.run.dir).parents[1]  # RUN_DIR of RUN_DIR/seed<k>/<name>
-        exit_preempted(world.rank, f"ddmpi compare stopped by a signal in {name}, seed "
-                       f"{config.run.seed} ({stop}); to resume ({world.size} ranks): "
-                       f"{resume_command(root)} (exit {EXIT_PREEMPTED})")
+        exit_preempted(world.rank, f"ddmpi compare stopped by {preemption.describe()} in "
+                       f"{name}, seed {config.run.seed} ({stop}); to resume ({world.size} "
+                       f"ranks): {resume_command(root)} (exit {EXIT_PREEMPTED})")
     world.barrier()
     return result
 
@@ -298,7 +298,8 @@ def stop_between_runs(world, config, done, left):
         return
     seed = config.run.seed
     undone = ", ".join(f"{name} seed {seed + k}" for k, name, _ in left)
-    exit_preempted(world.rank, f"ddmpi compare stopped by a signal after {done[1]}, seed "
+    exit_preempted(world.rank, f"ddmpi compare stopped by {preemption.describe()} after "
+                   f"{done[1]}, seed "
                    f"{seed + done[0]} finished; not run: {undone}; to resume ({world.size} "
                    f"ranks): {resume_command(config.run.dir)} (exit {EXIT_PREEMPTED})")
 

@@ -15,5 +15,5 @@ def main(args, world):
     try:
         run(CNNDNN, config, world, resume=resume_dir is not None)
     except Preempted as stop:
-        exit_preempted(world.rank, f"preempted ({stop}); exiting with "
-                       f"{preemption.EXIT_PREEMPTED} for requeue")
+        exit_preempted(world.rank, f"stopped by {preemption.describe()} ({stop}); exiting "
+                       f"with {preemption.EXIT_PREEMPTED} for requeue")

@@ -211,8 +211,12 @@ def costs_sentence(c):
         "Train MFLOP/sample: the training FLOPs of one step per sample (forward + backward, "
         "torch.utils.flop_counter); for the CNN-DNN rows those of all local CNNs together, the "
         f"coarse DNN's{coarse} left out (it trains on the local decisions, not on images, for "
-        "its own number of epochs). Compute-matched: the global CNN's width whose training "
-        "FLOPs per sample are closest to the local CNNs' together; parameter-matched: the width "
+        "its own number of epochs). It is the cost of one step: a run's total also scales with "
+        "its epochs, so the coherent transfer's total adds the CNN-DNN run it starts from, and "
+        "coarse.train_on: crossfit adds coarse.folds fold CNNs per subdomain, trained "
+        "coarse.fold_epochs epochs each on part of the training split. Compute-matched: the "
+        "global CNN's width whose training FLOPs per sample are closest to the local CNNs' "
+        "together; parameter-matched: the width "
         "whose parameter count is closest to the whole CNN-DNN's, local CNNs and coarse DNN"
         f"{listed}.")
 

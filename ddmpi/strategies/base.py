@@ -155,7 +155,7 @@ def run(strategy_cls, config, world, resume=False):
             result = strategy.evaluate()
     except Preempted:
         if world.rank == 0:
-            end_segment(ctx.run_dir, ctx.elapsed(), "preempted")
+            end_segment(ctx.run_dir, ctx.elapsed(), "signal", preemption.describe())
         raise
     timings = world.gather(dict(ctx.timer.seconds))
     peaks = world.gather(memory.peaks_mb(ctx.device, scope))

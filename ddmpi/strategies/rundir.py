@@ -67,12 +67,14 @@ def start_segment(run_dir, ranks, resumed):
     write_text(path, json.dumps(segments, indent=2))
 
 
-def end_segment(run_dir, wall_seconds, end):
-    """Record the wall time and the ``end`` ("finished", "preempted") of the current segment;
-    return every segment so far."""
+def end_segment(run_dir, wall_seconds, end, signal=None):
+    """Record the wall time and the ``end`` ("finished", or "signal" with the ``signal`` that
+    stopped it, in words) of the current segment; return every segment so far."""
     path = Path(run_dir) / "segments.json"
     segments = read_json(path)
     segments[-1].update(wall_seconds=wall_seconds, end=end)
+    if signal is not None:
+        segments[-1]["signal"] = signal
     write_text(path, json.dumps(segments, indent=2))
     return segments
 

@@ -40,3 +40,16 @@ def ignore(signals=SIGNALS):
 def requested():
     """The signal number received, or None."""
     return _requested["signal"]
+
+
+def describe():
+    """The signal received, in words for messages and ``segments.json``: its name, and for
+    SIGTERM who may have sent it."""
+    number = _requested["signal"]
+    if number is None:
+        return "a stop on another rank"
+    name = signal.Signals(number).name
+    if number == signal.SIGTERM:
+        return (f"{name} (a time limit, preemption or cancellation, or the launcher ending the "
+                f"job after another rank failed: see the other ranks' messages)")
+    return name
