@@ -26,8 +26,8 @@ CIFAR-10 10k set (``data_prep cifar --limit 12500 --seed 0``). Same local CNNs f
 variant, so the columns of a row differ only in the combiner.
 
 Phases: ``prepare`` (HDF5 subsets into data/coarse_select/), ``train`` (runs into
-runs/bench_coarse_select/, a finished run is skipped), ``evaluate`` (tables,
-benchmarks/RESULTS-coarse.md).
+runs/bench_coarse_select/, a finished run is skipped, an unfinished one trained afresh),
+``evaluate`` (tables, benchmarks/RESULTS-coarse.md).
 """
 
 import argparse
@@ -193,7 +193,7 @@ def train(todo):
         if (rd / "metrics.json").exists():
             continue
         t0, c0 = time.perf_counter(), time.process_time()
-        result = run(CNNDNN, make_config(ds, n, grid, seed), world)
+        result = run(CNNDNN, make_config(ds, n, grid, seed), world, overwrite=True)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         if world.rank != 0:
             continue

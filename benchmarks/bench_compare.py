@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(args):
     mpirun = shutil.which("mpirun") or "mpirun"
     cmd = [mpirun, "-n", str(args.ranks), "--oversubscribe", sys.executable, "-m", "ddmpi",
-           "compare", "--config", args.config, "--run-dir", args.out, "--seeds",
+           "compare", "--config", args.config, "--run-dir", args.out, "--overwrite", "--seeds",
            str(args.seeds), "--set", "run.threads_per_rank=1"]
     for item in args.set or []:
         cmd += ["--set", item]

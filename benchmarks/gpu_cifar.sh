@@ -34,7 +34,7 @@ launch() { if [ "$ranks" = 1 ]; then python3 -m ddmpi "$@"; else mpirun -n "$ran
 run() {  # NAME CONFIG ARGS...
     local name=$1 config=$2; shift 2
     local start=$SECONDS
-    launch compare --config "$config" --run-dir "$out/$name" --set run.device=cuda \
+    launch compare --config "$config" --run-dir "$out/$name" --overwrite --set run.device=cuda \
         --set run.threads_per_rank=4 "$@" > "$out/$name.log" 2>&1
     echo "=== $name (exit $?, $((SECONDS - start)) s)"
     sed -n '/^data\//,$p' "$out/$name.log" | grep -v "^comparison:" | head -20

@@ -55,9 +55,13 @@ def build_parser():
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config field, e.g. --set local.epochs=5 (repeatable)")
     train.add_argument("--run-dir", help="run directory (overrides run.dir)")
-    train.add_argument("--resume", nargs="?", const=RESUME_IF_POSSIBLE, metavar="RUN_DIR",
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const=RESUME_IF_POSSIBLE, metavar="RUN_DIR",
                        help="continue RUN_DIR where it stopped; without RUN_DIR, continue the "
                        "configured run directory if it holds a run, else start it")
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace the run the run directory holds (without it, a run "
+                       "directory holding a trained run is refused)")
 
     predict = sub.add_parser(
         "predict", help="classify new images with a trained run",
@@ -95,11 +99,15 @@ def build_parser():
                          "coherent_transfer (overrides compare.strategies)")
     compare.add_argument("--seeds", type=_positive_int, metavar="N",
                          help="run every strategy with N >= 1 seeds (overrides compare.seeds)")
-    compare.add_argument("--resume", nargs="?", const=RESUME_IF_POSSIBLE, metavar="RUN_DIR",
-                         help="continue the comparison in RUN_DIR: runs finished in an earlier "
-                         "job are read back, the interrupted one continues from its "
-                         "checkpoints; without RUN_DIR, continue the configured run directory "
-                         "if it holds a comparison, else start it")
+    start = compare.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const=RESUME_IF_POSSIBLE, metavar="RUN_DIR",
+                       help="continue the comparison in RUN_DIR: runs finished in an earlier "
+                       "job are read back, the interrupted one continues from its "
+                       "checkpoints; without RUN_DIR, continue the configured run directory "
+                       "if it holds a comparison, else start it")
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace the comparison the run directory holds (without it, one "
+                       "holding a trained run is refused)")
     return parser
 
 

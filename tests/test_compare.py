@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from ddmpi.cli import build_parser
 from ddmpi.coarse.dnn import CoarseNet
@@ -416,9 +417,13 @@ class _Stop(Exception):
     pass
 
 
-def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
+CPU = ("run.device=cpu", "run.threads_per_rank=1")
+
+
+def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path, digits_h5):
     calls = []
-    monkeypatch.setattr(compare, "warm_up", lambda config, world: calls.append("warm-up") or 0.0)
+    monkeypatch.setattr(compare, "warm_up",
+                        lambda config, world, device: calls.append("warm-up") or 0.0)
     monkeypatch.setattr(compare, "resolve_widths",
                         lambda config: calls.append("widths") or (None, {}))
 
@@ -428,15 +433,17 @@ def test_run_compare_warms_up_before_the_first_timed_run(monkeypatch, tmp_path):
 
     monkeypatch.setattr(compare, "run", first_run)
     with pytest.raises(_Stop):
-        run_compare(_config(f"run.dir={tmp_path}"), Group.single())
+        run_compare(_config(f"run.dir={tmp_path}", f"data.path={digits_h5}", *CPU),
+                    Group.single())
     assert calls == ["warm-up", "widths", "run"]
 
 
-def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeypatch, tmp_path):
+def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeypatch, tmp_path,
+                                                                         digits_h5):
     """The run the signal arrived in finishes (as the CNN-DNN's coarse phase does); compare
     then exits 75 before opening the next run, naming the finished run and those left."""
     calls, exits = [], []
-    monkeypatch.setattr(compare, "warm_up", lambda config, world: 0.0)
+    monkeypatch.setattr(compare, "warm_up", lambda config, world, device: 0.0)
     monkeypatch.setattr(compare, "resolve_widths", lambda config: (None, {}))
 
     def finishing(cls, config, world, resume):
@@ -450,8 +457,9 @@ def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeyp
     monkeypatch.setattr(compare, "run", finishing)
     monkeypatch.setattr(compare, "exit_preempted", leave)
     with pytest.raises(_Stop):
-        run_compare(_config(f"run.dir={tmp_path}", "compare.strategies=[cnn_dnn, coherent]",
-                            "compare.seeds=2", "run.seed=5"), Group.single())
+        run_compare(_config(f"run.dir={tmp_path}", f"data.path={digits_h5}", *CPU,
+                            "compare.strategies=[cnn_dnn, coherent]", "compare.seeds=2",
+                            "run.seed=5"), Group.single())
     assert calls == [("CNNDNN", 5)]
     assert exits == ["ddmpi compare stopped by SIGUSR1 after cnn_dnn, seed 5 finished; not "
                      "run: coherent seed 5, cnn_dnn seed 6, coherent seed 6; to resume (1 ranks): "
@@ -461,7 +469,7 @@ def test_a_signal_while_a_run_finishes_stops_compare_before_the_next_run(monkeyp
 def test_warm_up_binds_and_runs_on_the_data(digits_h5):
     config = _config(f"data.path={digits_h5}", "run.device=cpu", "run.threads_per_rank=1",
                      "local.model.width=4")
-    assert warm_up(config, Group.single()) > 0.0
+    assert warm_up(config, Group.single(), torch.device("cpu")) > 0.0
     budget, widths = compare.resolve_widths(config)
     info = read_info(digits_h5)
     decomposition = decomposition_of(config, info)

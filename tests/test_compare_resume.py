@@ -19,6 +19,8 @@ from ddmpi.cli import RESUME_IF_POSSIBLE, build_parser
 from ddmpi.commands import compare
 from ddmpi.commands.compare import holds_a_compare, run_compare
 from ddmpi.config import ConfigError, load_config
+from ddmpi.parallel import cluster
+from ddmpi.parallel.cluster import BindingError
 from ddmpi.parallel.group import Group
 from ddmpi.strategies.base import read_result
 from ddmpi.strategies.rundir import RunDirError
@@ -37,7 +39,7 @@ def _config(data, run_dir, *overrides):
 def _args(**kwargs):
     """``ddmpi compare`` arguments as the parser gives them."""
     return SimpleNamespace(**{"config": None, "set": [], "run_dir": None, "strategies": None,
-                              "seeds": None, "resume": None, **kwargs})
+                              "seeds": None, "resume": None, "overwrite": False, **kwargs})
 
 
 def _files(root):
@@ -167,17 +169,50 @@ def test_resume_refuses_another_rank_count(held, monkeypatch):
         run_compare(_config(data, root), SELF, resume=True)
 
 
-def test_a_new_comparison_removes_an_earlier_ones_outputs(held, monkeypatch, capsys):
+def test_overwrite_removes_an_earlier_comparisons_outputs(held, monkeypatch, capsys):
     """So that a later ``--resume`` cannot take a run of the earlier one for its own."""
     root, data = held
     _no_training(monkeypatch)
     with pytest.raises(_Trained):
-        run_compare(_config(data, root), SELF)
+        compare.main(_args(config="quickstart", set=[f"data.path={data}", *TINY],
+                           run_dir=str(root), overwrite=True), SELF)
     assert not any((root / name).exists() for name in ("comparison.json", "comparison.md"))
     assert not any((root / run / "metrics.json").exists() for run in RUNS)
     assert not holds_a_compare(root)
     assert "held an earlier comparison: the outputs of its 4 runs were removed" in \
         capsys.readouterr().out
+
+
+def test_a_new_comparison_refuses_a_held_one_without_overwrite(held, monkeypatch):
+    root, data = held
+    before = _files(root)
+    _no_training(monkeypatch)
+    with pytest.raises(RunDirError, match=rf"^{root} holds a comparison \(4 trained runs\): "
+                                          r"give --resume to continue it or --overwrite to "
+                                          r"replace it$"):
+        run_compare(_config(data, root), SELF)
+    assert _files(root) == before
+
+
+def _refuse_binding(*args, **kwargs):
+    raise BindingError("run.device: cuda, but no GPU is visible")
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["decomposition.grid=[3, 3]", "decomposition.overlap=7"], ConfigError),
+    (["data.augment.flip_axes=[2]"], ConfigError),
+    ([], BindingError)])
+def test_overwrite_removes_nothing_before_every_check_passed(held, monkeypatch, overrides,
+                                                             error):
+    """What every run checks when it opens, and the device binding, come before RUN_DIR is
+    touched (a comparison that cannot run must not cost the one held there)."""
+    root, data = held
+    before = _files(root)
+    _no_training(monkeypatch)
+    monkeypatch.setattr(cluster, "bind_process", _refuse_binding)
+    with pytest.raises(error):
+        run_compare(_config(data, root, *overrides), SELF, overwrite=True)
+    assert _files(root) == before
 
 
 def test_bare_resume_starts_a_comparison_where_none_is_held(held, monkeypatch, tmp_path):

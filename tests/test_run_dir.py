@@ -7,8 +7,12 @@ import shutil
 import pytest
 from conftest import write_digits_h5
 
+from ddmpi.cli import build_parser
 from ddmpi.commands.train import resolve_config
 from ddmpi.config import ConfigError, dump, load_config
+from ddmpi.data.schema import DatasetError
+from ddmpi.parallel import cluster
+from ddmpi.parallel.cluster import BindingError
 from ddmpi.parallel.group import Group
 from ddmpi.parallel.layout import MappingError
 from ddmpi.strategies.base import open_run
@@ -36,15 +40,80 @@ def _log(run_dir):
     return (run_dir / "logs" / "rank_00000.log").read_text()
 
 
-def test_a_new_run_replaces_an_earlier_runs_outputs(digits_h5, tmp_path):
+def test_overwrite_replaces_an_earlier_runs_outputs(digits_h5, tmp_path):
     run_dir = tmp_path / "run"
     _earlier_run(run_dir)
-    open_run(_config(digits_h5, run_dir), SELF)
+    open_run(_config(digits_h5, run_dir), SELF, overwrite=True)
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert left == ["config.yaml", "dataset.json", "logs/rank_00000.log", "notes.txt",
                     "segments.json"]
     assert "held an earlier run: its checkpoints, decisions, scalars, tensorboard, metrics.json " \
-           "were removed (--resume continues a run instead)" in _log(run_dir)
+           "were removed" in _log(run_dir)
+
+
+@pytest.mark.parametrize("trained, state", [("metrics.json", "finished"),
+                                            ("checkpoints/local_000.pt", "unfinished")])
+def test_a_new_run_refuses_a_trained_run_without_overwrite(digits_h5, tmp_path, trained,
+                                                           state):
+    run_dir = tmp_path / "run"
+    open_run(_config(digits_h5, run_dir), SELF)
+    (run_dir / trained).parent.mkdir(exist_ok=True)
+    (run_dir / trained).write_text("trained")
+    before = _files(run_dir)
+    with pytest.raises(RunDirError, match=rf"^{run_dir} holds a trained run \({state}\): give "
+                                          r"--resume to continue it or --overwrite to replace "
+                                          r"it$"):
+        open_run(_config(digits_h5, run_dir), SELF)
+    assert _files(run_dir) == before
+
+
+def test_a_run_dir_that_failed_before_training_is_started_again(digits_h5, tmp_path):
+    """Nothing trained, nothing lost: no --overwrite needed."""
+    run_dir = tmp_path / "run"
+    open_run(_config(digits_h5, run_dir, "local.epochs=1"), SELF)
+    assert open_run(_config(digits_h5, run_dir), SELF).config.local.epochs != 1
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_cli_overwrite_and_resume_exclude_each_other(command):
+    parse = build_parser().parse_args
+    assert parse([command, "--config", "c.yaml", "--overwrite"]).overwrite
+    assert not parse([command, "--config", "c.yaml"]).overwrite
+    with pytest.raises(SystemExit):
+        parse([command, "--config", "c.yaml", "--overwrite", "--resume"])
+
+
+def _nan_copy(digits_h5, path):
+    """``digits_h5`` with one NaN pixel in a training image its header does not show."""
+    import h5py
+
+    shutil.copy(digits_h5, path)
+    with h5py.File(path, "r+") as f:
+        images = f["train"]["images"]
+        images[5, 0, 3, 3] = float("nan")
+    return path
+
+
+def _refuse_binding(*args, **kwargs):
+    raise BindingError("run.device: cuda, but no GPU is visible")
+
+
+@pytest.mark.parametrize("failure", ["nan", "binding"])
+def test_overwrite_removes_nothing_before_every_check_passed(digits_h5, tmp_path, monkeypatch,
+                                                             failure):
+    """Checks that a run would fail on later (the data's contents, read in mid-training; the
+    device binding) are made before the earlier run's outputs go."""
+    run_dir, data = tmp_path / "run", digits_h5
+    _trained_run(run_dir, digits_h5)
+    (run_dir / "metrics.json").write_text("{}")
+    before = _files(run_dir)
+    if failure == "nan":
+        data = _nan_copy(digits_h5, tmp_path / "nan.h5")
+    else:
+        monkeypatch.setattr(cluster, "bind_process", _refuse_binding)
+    with pytest.raises((DatasetError, BindingError), match="NaN or infinite|no GPU"):
+        open_run(_config(data, run_dir), SELF, overwrite=True)
+    assert _files(run_dir) == before
 
 
 def test_resume_keeps_the_earlier_runs_outputs_and_updates_its_config(digits_h5, tmp_path):
@@ -87,9 +156,9 @@ def test_resume_refuses_checkpoints_without_their_config(digits_h5, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "local_000.pt").write_text("trained")
-    with pytest.raises(RunDirError, match="checkpoints without config.yaml"):
+    with pytest.raises(RunDirError, match=r"a trained run \(unfinished\) without config.yaml"):
         open_run(_config(digits_h5, run_dir), SELF, resume=True)
-    open_run(_config(digits_h5, run_dir), SELF)  # a fresh run clears them
+    open_run(_config(digits_h5, run_dir), SELF, overwrite=True)
     assert not (run_dir / "checkpoints" / "local_000.pt").exists()
 
 

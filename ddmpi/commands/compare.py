@@ -28,13 +28,21 @@ from ddmpi.commands import RESUMABLE as RUN_RESUMABLE
 from ddmpi.commands import check_resumable, exit_preempted, resolve_config, resume_dir_of
 from ddmpi.config import ConfigError, dump
 from ddmpi.data.atomic import write_text
+from ddmpi.data.reader import check_contents
 from ddmpi.data.schema import open_h5, read_info
 from ddmpi.models.cnn import build_cnn
 from ddmpi.models.flops import training_flops
 from ddmpi.parallel import cluster
 from ddmpi.report import comparison as table
 from ddmpi.report.summary import summarise
-from ddmpi.strategies.base import dataset_record, decomposition_of, read_result, run
+from ddmpi.strategies.base import (
+    check_run,
+    dataset_record,
+    decomposition_of,
+    on_root,
+    read_result,
+    run,
+)
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.coherent import Coherent, CoherentTransfer
 from ddmpi.strategies.global_ddp import cnn_dnn_budget, global_strategy, global_width
@@ -46,6 +54,7 @@ from ddmpi.strategies.rundir import (
     clear_outputs,
     holds_a_run,
     read_json,
+    trained_state,
     update_config,
 )
 from ddmpi.training import preemption
@@ -85,18 +94,25 @@ def check(config):
                           f"(the coherent transfer's wall time includes that run's)")
 
 
-def warm_up(config, world):
+def check_runs(config, world):
+    """Collective, before RUN_DIR is touched: what every run checks before its run directory
+    is (:func:`~ddmpi.strategies.base.check_run` for each strategy), and binding device and
+    threads; the device."""
+    for _, cls in strategies(config):
+        check_run(config, cls, world.size)
+    return cluster.bind_process(world, config.run.device, config.run.threads_per_rank).device
+
+
+def warm_up(config, world, device):
     """Untimed, on every rank: pay the process's one-time costs before the first timed run.
 
-    Reads the training split once (page cache), binds threads and device, and runs one
-    forward and backward pass of the configured CNN under the FLOP counter every strategy
-    uses (thread pools, first convolution kernels, the counter's own start-up).
+    Reads the training split once (page cache) and runs one forward and backward pass of the
+    configured CNN on ``device`` under the FLOP counter every strategy uses (thread pools,
+    first convolution kernels, the counter's own start-up).
     """
     start = time.perf_counter()
     info = read_info(config.data.path)
-    if "train" in info.splits:  # else the first run names the missing split
-        read_through(info.path, "train", config.data.memory_budget_gb * 2**30)
-    device = cluster.bind_process(world, config.run.device, config.run.threads_per_rank).device
+    read_through(info.path, "train", config.data.memory_budget_gb * 2**30)
     model = build_cnn(**build_kwargs(config, info, info.spatial_shape)).to(device)
     training_flops(model, info.spatial_shape, info.channels)
     world.barrier()
@@ -129,13 +145,15 @@ def read_through(path, split, budget_bytes, block_bytes=64 << 20):
             images[i:i + rows]
 
 
-def run_compare(config, world, resume=False):
+def run_compare(config, world, resume=False, overwrite=False):
     """Run every strategy for every seed (``resume``: continue the comparison in RUN_DIR, see
-    the module's docstring); the comparison dict on rank 0, None elsewhere."""
+    the module's docstring; ``overwrite``: replace the one held there); the comparison dict on
+    rank 0, None elsewhere."""
     check(config)
     root = Path(config.run.dir)
-    finished = open_compare(config, world, resume)
-    seconds = warm_up(config, world)
+    device = check_runs(config, world)
+    finished = on_root(world, prepare_compare_dir, config, world.size, resume, overwrite)
+    seconds = warm_up(config, world, device)
     budget, widths = resolve_widths(config)
     if world.rank == 0:
         print(f"=== ddmpi compare: untimed warm-up, {seconds:.1f} s", flush=True)
@@ -207,26 +225,11 @@ def run_one(cls, config, world, name, resume):
     return result
 
 
-def open_compare(config, world, resume):
-    """Collective: prepare RUN_DIR on rank 0 (:func:`prepare_compare_dir`, an error there
-    raised on every rank); the runs finished in an earlier job, ``{(seed index, name):
-    RunResult}``."""
-    outcome = None
-    if world.rank == 0:
-        try:
-            outcome = prepare_compare_dir(config, world.size, resume)
-        except (ValueError, OSError) as err:
-            outcome = err
-    outcome = world.bcast(outcome)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
-def prepare_compare_dir(config, ranks, resume):
-    """Rank 0: store the configuration in RUN_DIR. Resuming a comparison held there checks
-    its runs (:func:`held_runs`) and returns those finished; a new one removes an earlier
-    comparison's outputs, so that a later ``--resume`` cannot take them for its own."""
+def prepare_compare_dir(config, ranks, resume, overwrite=False):
+    """Rank 0: store the configuration in RUN_DIR; the runs finished in an earlier job,
+    ``{(seed index, name): RunResult}``. Resuming a comparison held there checks its runs
+    (:func:`held_runs`) and returns those finished; a new one replaces an earlier comparison
+    (:func:`clear_comparison`)."""
     root = Path(config.run.dir)
     check_writable(root)
     if resume and holds_a_compare(root):
@@ -237,14 +240,27 @@ def prepare_compare_dir(config, ranks, resume):
                   + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed),
                   flush=True)
         return finished
+    clear_comparison(root, config.data.path, overwrite)
+    write_text(root / "config.yaml", dump(config))
+    return {}
+
+
+def clear_comparison(root, data_path, overwrite):
+    """Rank 0, before a new comparison: remove an earlier one's outputs from ``root``, so that
+    a later ``--resume`` cannot take them for its own. One with a trained run is replaced only
+    with ``overwrite``, after the data set's contents passed the readers' checks."""
+    trained = [d for d in sorted(root.glob("seed*/*")) if d.is_dir() and trained_state(d)]
+    if trained and not overwrite:
+        raise RunDirError(f"{root} holds a comparison ({len(trained)} trained runs): give "
+                          f"--resume to continue it or --overwrite to replace it")
+    if trained:
+        check_contents(data_path)
     cleared = [d for d in sorted(root.glob("seed*/*")) if d.is_dir() and clear_outputs(d)]
     for name in COMPARISON:
         (root / name).unlink(missing_ok=True)
     if cleared:
         print(f"=== ddmpi compare: {root} held an earlier comparison: the outputs of its "
-              f"{len(cleared)} runs were removed (--resume continues it instead)", flush=True)
-    write_text(root / "config.yaml", dump(config))
-    return {}
+              f"{len(cleared)} runs were removed", flush=True)
 
 
 def holds_a_compare(root):
@@ -330,4 +346,4 @@ def main(args, world):
     resume_dir = resume_dir_of(args, overrides)
     config = resolve_config(args.config, overrides, resume_dir, holds_a_compare, RESUMABLE,
                             "compare")
-    run_compare(config, world, resume=resume_dir is not None)
+    run_compare(config, world, resume=resume_dir is not None, overwrite=args.overwrite)

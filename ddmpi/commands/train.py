@@ -13,7 +13,7 @@ def main(args, world):
     resume_dir = resume_dir_of(args, overrides)
     config = resolve_config(args.config, overrides, resume_dir)
     try:
-        run(CNNDNN, config, world, resume=resume_dir is not None)
+        run(CNNDNN, config, world, resume=resume_dir is not None, overwrite=args.overwrite)
     except Preempted as stop:
         exit_preempted(world.rank, f"stopped by {preemption.describe()} ({stop}); exiting "
                        f"with {preemption.EXIT_PREEMPTED} for requeue")

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from ddmpi.data.decomposition import Decomposition
-from ddmpi.data.schema import DatasetError, normalization_of, open_h5, read_info
+from ddmpi.data.schema import SPLITS, DatasetError, normalization_of, open_h5, read_info
 
-__all__ = ["DEFAULT_BLOCK", "DEFAULT_MEMORY_BUDGET", "SubdomainDataset", "as_box", "load_subdomain",
-           "read_box", "read_box_h5", "read_subdomain"]
+__all__ = ["DEFAULT_BLOCK", "DEFAULT_MEMORY_BUDGET", "SubdomainDataset", "as_box", "check_contents",
+           "load_subdomain", "read_box", "read_box_h5", "read_subdomain"]
 
 DEFAULT_BLOCK = 4096  # samples per block of in-place normalisation / of a fallback hyperslab read
 DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3  # bytes: in_memory="auto" holds a subdomain up to this
@@ -157,6 +157,23 @@ def check_finite(x, path, split):
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise DatasetError(f"{path}: {split}/images holds NaN or infinite values")
     return x
+
+
+def check_contents(path, block_bytes=64 << 20):
+    """Read every split of the data set at ``path`` once, ``block_bytes`` of images at a time,
+    with the checks its readers make (labels index the classes, float images are finite): a
+    :class:`DatasetError` now rather than in mid-training."""
+    with open_h5(path) as f:
+        for split in SPLITS:
+            if split not in f:
+                continue
+            split_labels(f, split, path)
+            images = f[split]["images"]
+            if images.dtype.kind != "f":
+                continue
+            rows = max(1, block_bytes // (images.dtype.itemsize * int(np.prod(images.shape[1:]))))
+            for i in range(0, len(images), rows):
+                check_finite(images[i:i + rows], path, split)
 
 
 def read_box(path, split, box, block=DEFAULT_BLOCK, count=None):

@@ -19,6 +19,7 @@ from ddmpi.config import ConfigError, dump, to_dict
 from ddmpi.data.atomic import write_text
 from ddmpi.data.augment import Augmenter, AugmentError
 from ddmpi.data.decomposition import Decomposition
+from ddmpi.data.reader import check_contents
 from ddmpi.data.schema import SPLITS, open_h5, read_info
 from ddmpi.parallel import cluster
 from ddmpi.report import output as report
@@ -32,6 +33,7 @@ from ddmpi.strategies.rundir import (
     rank_logger,
     read_json,
     start_segment,
+    trained_state,
     update_config,
 )
 from ddmpi.training import memory, preemption
@@ -141,9 +143,9 @@ class Strategy(ABC):
         """Evaluate on the test split; return a :class:`RunResult` on rank 0, None elsewhere."""
 
 
-def run(strategy_cls, config, world, resume=False):
+def run(strategy_cls, config, world, resume=False, overwrite=False):
     """Run ``strategy_cls`` on the ranks of ``world``; the result on rank 0, None elsewhere."""
-    ctx = open_run(config, world, resume, strategy_cls)
+    ctx = open_run(config, world, resume, strategy_cls, overwrite)
     preemption.install()
     scope = memory.reset_peaks(ctx.device)
     strategy = strategy_cls(ctx)
@@ -169,44 +171,58 @@ def run(strategy_cls, config, world, resume=False):
     return result
 
 
-def open_run(config, world, resume=False, strategy_cls=Strategy):
-    """Collective: read and check the data set's header and that the configuration fits it and
-    the ranks (``strategy_cls.check_fit``), prepare the run directory (see
-    :func:`prepare_run_dir`), open this rank's log, bind device and threads."""
+def open_run(config, world, resume=False, strategy_cls=Strategy, overwrite=False):
+    """Collective: the checks of :func:`check_run`, binding device and threads, then (nothing
+    in the run directory changes before they pass) preparing the run directory (see
+    :func:`prepare_run_dir`) and opening this rank's log."""
     run_dir = Path(config.run.dir)
-    info = read_info(config.data.path)
-    missing = [s for s in SPLITS if s not in info.splits]
-    if missing:
-        raise ConfigError(f"config field 'data.path': {info.path} has no {missing[0]!r} split "
-                          f"(it has {list(info.splits)})")
-    _check_augment(config, info)
-    strategy_cls.check_fit(config, info, world.size)
-    outcome = None
-    if world.rank == 0:
-        try:
-            outcome = prepare_run_dir(config, info, resume, world.size)
-        except (ValueError, OSError) as err:
-            outcome = err
-    outcome = world.bcast(outcome)
-    if isinstance(outcome, Exception):
-        raise outcome
-    resume, notes = outcome
+    info = check_run(config, strategy_cls, world.size)
+    binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
+    resume, notes = on_root(world, prepare_run_dir, config, info, resume, world.size, overwrite)
     log = rank_logger(run_dir, world.rank, console=world.rank == 0)
     for note in notes:
         log.warning(note)
-    binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
     log.info(str(binding))
     if config.run.amp is True and binding.device.type != "cuda":
         log.warning(f"run.amp: bf16 autocast is for CUDA; {binding.device} trains in float32")
     return RunContext(config, world, run_dir, log, info, binding, resume)
 
 
-def prepare_run_dir(config, info, resume, ranks):
+def check_run(config, strategy_cls, ranks):
+    """What is checked before the run directory is touched: the data set's header, its
+    splits, ``data.augment``, and that the configuration fits the data set and the ``ranks``
+    (``strategy_cls.check_fit``). Returns the data set's :class:`DatasetInfo`."""
+    info = read_info(config.data.path)
+    missing = [s for s in SPLITS if s not in info.splits]
+    if missing:
+        raise ConfigError(f"config field 'data.path': {info.path} has no {missing[0]!r} split "
+                          f"(it has {list(info.splits)})")
+    _check_augment(config, info)
+    strategy_cls.check_fit(config, info, ranks)
+    return info
+
+
+def on_root(world, fn, *args):
+    """Collective: ``fn(*args)`` on rank 0, its value on every rank; a ValueError or OSError
+    it raises is raised on every rank."""
+    outcome = None
+    if world.rank == 0:
+        try:
+            outcome = fn(*args)
+        except (ValueError, OSError) as err:
+            outcome = err
+    outcome = world.bcast(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def prepare_run_dir(config, info, resume, ranks, overwrite=False):
     """Rank 0: check the run directory and store the configuration and the data set's record;
     return whether the run continues (``resume`` and a checkpoint there) and notes to log.
 
-    A continued run must have the same data set (under any path); a new one removes an earlier
-    run's outputs."""
+    A continued run must have the same data set (under any path); a new one replaces an
+    earlier run's outputs (:func:`clear_earlier`)."""
     run_dir = Path(config.run.dir)
     check_writable(run_dir)
     record, notes = dataset_record(info), []
@@ -217,23 +233,37 @@ def prepare_run_dir(config, info, resume, ranks):
             notes.append("resumed with changed fields (config.yaml updated): " + ", ".join(
                 f"{key} {old!r} -> {new!r}" for key, old, new in changed))
     else:
-        stored, trained = (run_dir / "config.yaml").exists(), any(run_dir.glob("checkpoints/*.pt"))
-        if resume and trained:
-            raise RunDirError(f"{run_dir}: checkpoints without config.yaml, so they cannot be "
-                              f"resumed; restore config.yaml, or remove {run_dir / 'checkpoints'} "
-                              f"to start afresh")
-        if resume and stored:
-            notes.append(f"{run_dir} holds no checkpoint: nothing to resume, starting the run "
-                         f"afresh with the given configuration")
-        replaced = clear_outputs(run_dir) if stored or trained else []
-        if replaced:
-            notes.append(f"{run_dir} held an earlier run: its {', '.join(replaced)} were removed "
-                         f"(--resume continues a run instead)")
+        notes = clear_earlier(run_dir, info, resume, overwrite)
         write_text(run_dir / "config.yaml", dump(config))
         resume = False
     write_text(run_dir / "dataset.json", json.dumps(record, indent=2))
     start_segment(run_dir, ranks, resume)
     return resume, notes
+
+
+def clear_earlier(run_dir, info, resume, overwrite):
+    """Rank 0, before a new run: remove an earlier run's outputs from ``run_dir``; notes to log.
+    A trained run there (:func:`~ddmpi.strategies.rundir.trained_state`) is replaced only with
+    ``overwrite``, after the data set's contents passed the readers' checks (a run that fails
+    on them must not have cost it)."""
+    stored, trained = (run_dir / "config.yaml").exists(), trained_state(run_dir)
+    if resume and trained and not stored:
+        raise RunDirError(f"{run_dir}: a trained run ({trained}) without config.yaml, so it "
+                          f"cannot be resumed; restore config.yaml, or replace the run with "
+                          f"--overwrite")
+    if trained and not overwrite:
+        raise RunDirError(f"{run_dir} holds a trained run ({trained}): give --resume to "
+                          f"continue it or --overwrite to replace it")
+    if trained:
+        check_contents(info.path)
+    notes = []
+    if resume and stored:
+        notes.append(f"{run_dir} holds no checkpoint: nothing to resume, starting the run "
+                     f"afresh with the given configuration")
+    replaced = clear_outputs(run_dir) if stored or trained else []
+    if replaced:
+        notes.append(f"{run_dir} held an earlier run: its {', '.join(replaced)} were removed")
+    return notes
 
 
 def _check_augment(config, info):

@@ -46,6 +46,15 @@ def holds_a_run(run_dir):
         checkpoints.glob("*.pt"))
 
 
+def trained_state(run_dir):
+    """What ``run_dir`` holds of a trained run: "finished" (its metrics.json), "unfinished" (a
+    checkpoint) or None (nothing trained: a new run there loses nothing)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").is_file():
+        return "finished"
+    return "unfinished" if any(run_dir.glob("checkpoints/*.pt")) else None
+
+
 def read_json(path):
     """The JSON content of the run file ``path``; a :class:`RunDirError` naming it if it is
     not valid JSON."""
