@@ -7,6 +7,7 @@ resumed."""
 import json
 import shutil
 import subprocess
+import sys
 import textwrap
 from types import SimpleNamespace
 
@@ -181,6 +182,57 @@ def test_overwrite_removes_an_earlier_comparisons_outputs(held, monkeypatch, cap
     assert not holds_a_compare(root)
     assert "held an earlier comparison: the outputs of its 4 runs were removed" in \
         capsys.readouterr().out
+
+
+def test_resume_refuses_a_held_run_of_another_strategy(held, monkeypatch):
+    root, data = held
+    path = root / "seed1" / "coherent" / "segments.json"
+    segments = json.loads(path.read_text())
+    assert segments[0]["strategy"] == "coherent"
+    segments[0]["strategy"] = "cnn_dnn"
+    path.write_text(json.dumps(segments))
+    _no_training(monkeypatch)
+    with pytest.raises(RunDirError, match=rf"{root / 'seed1' / 'coherent'} holds a cnn_dnn run, "
+                                          rf"not a coherent run"):
+        run_compare(_config(data, root), SELF, resume=True)
+
+
+def _error_line(*args):
+    """The one line of ``ddmpi ARGS`` (serial) on stderr, which must fail with exit 1."""
+    proc = subprocess.run([sys.executable, "-m", "ddmpi", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_train_resumes_no_run_of_a_comparison_but_a_cnn_dnn(held):
+    """``ddmpi train --resume`` of a coherent run (its checkpoints are another model's) or of
+    the comparison's directory is refused, naming the command that continues it."""
+    root, _ = held
+    before = _files(root)
+    coherent = root / "seed0" / "coherent"
+    assert _error_line("train", "--resume", str(coherent)) == (
+        f"[ddmpi rank 0/1] error: {coherent} holds a coherent run, not a cnn_dnn run: resume "
+        f"it with the command that started it (ddmpi train runs cnn_dnn; ddmpi compare "
+        f"--resume continues a comparison's runs)")
+    assert _error_line("train", "--resume", str(root)).startswith(
+        f"[ddmpi rank 0/1] error: {root} holds a comparison (seed*/ runs of ddmpi compare), "
+        f"not a run: ddmpi compare --resume {root} continues it")
+    assert _files(root) == before
+
+
+def test_compare_refuses_a_run_of_ddmpi_train(held, monkeypatch):
+    root, data = held
+    run_dir = root / "seed0" / "cnn_dnn"
+    before = _files(run_dir)
+    _no_training(monkeypatch)
+    for resume in (False, True):
+        with pytest.raises(RunDirError, match=rf"^{run_dir} holds a run of ddmpi train, not a "
+                                              rf"comparison"):
+            run_compare(_config(data, run_dir), SELF, resume=resume, overwrite=not resume)
+    assert _files(run_dir) == before
 
 
 def test_a_new_comparison_refuses_a_held_one_without_overwrite(held, monkeypatch):

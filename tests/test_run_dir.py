@@ -2,6 +2,7 @@
 against data."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -17,6 +18,7 @@ from ddmpi.parallel.group import Group
 from ddmpi.parallel.layout import MappingError
 from ddmpi.strategies.base import open_run
 from ddmpi.strategies.cnn_dnn import CNNDNN
+from ddmpi.strategies.global_ddp import GlobalDDP
 from ddmpi.strategies.rundir import RunDirError
 
 SELF = Group.single()
@@ -32,7 +34,7 @@ def _earlier_run(run_dir, config=None):
                  "tensorboard/subdomain_8/events.out", "metrics.json", "logs/rank_00000.log",
                  "notes.txt"):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / name).write_text("earlier run")
+        (run_dir / name).write_text("{}" if name.endswith(".json") else "earlier run")
     (run_dir / "config.yaml").write_text(dump(config) if config else "earlier: config\n")
 
 
@@ -246,6 +248,39 @@ def test_segments_record_every_start_of_a_run(digits_h5, tmp_path):
     assert [(s["resumed"], s["ranks"], s["wall_seconds"], s["end"]) for s in segments] == [
         (False, 1, 5.0, "signal"), (True, 1, 2.0, "finished")]
     assert segments[0]["signal"] == "SIGUSR1" and "signal" not in segments[1]
+
+
+@pytest.mark.parametrize("recorded_in", ["segments.json", "metrics.json"])
+def test_resume_refuses_a_run_of_another_strategy(digits_h5, tmp_path, recorded_in):
+    """A global CNN's run (of ddmpi compare, say) is not continued as a CNN-DNN; a run started
+    before segments.json recorded the strategy is known by its metrics.json."""
+    run_dir = tmp_path / "run"
+    open_run(_config(digits_h5, run_dir), SELF, strategy_cls=GlobalDDP)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "global.pt").write_text("trained")
+    assert json.loads((run_dir / "segments.json").read_text())[0]["strategy"] == "global_ddp"
+    if recorded_in == "metrics.json":
+        (run_dir / "segments.json").unlink()
+        (run_dir / "metrics.json").write_text(json.dumps({"strategy": "global_ddp"}))
+    before = _files(run_dir)
+    with pytest.raises(RunDirError, match=rf"^{re.escape(str(run_dir))} holds a global_ddp run, "
+                                          r"not a cnn_dnn run: resume it with the command that "
+                                          r"started it"):
+        open_run(_config(digits_h5, run_dir), SELF, resume=True, strategy_cls=CNNDNN)
+    assert _files(run_dir) == before
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_refuses_a_comparisons_directory(digits_h5, tmp_path, resume):
+    root = tmp_path / "cmp"
+    (root / "seed0" / "cnn_dnn").mkdir(parents=True)
+    (root / "seed0" / "cnn_dnn" / "segments.json").write_text("[]")
+    (root / "config.yaml").write_text(dump(_config(digits_h5, root)))
+    before = _files(root)
+    with pytest.raises(RunDirError, match=rf"^{re.escape(str(root))} holds a comparison "
+                                          rf"\(seed\*/ runs of ddmpi compare\), not a run"):
+        open_run(_config(digits_h5, root), SELF, resume=resume, overwrite=True)
+    assert _files(root) == before
 
 
 def test_flip_axes_must_be_axes_of_the_data(digits_h5, tmp_path):

@@ -49,7 +49,9 @@ from ddmpi.strategies.global_ddp import cnn_dnn_budget, global_strategy, global_
 from ddmpi.strategies.local import build_kwargs
 from ddmpi.strategies.rundir import (
     RunDirError,
+    check_kind,
     check_same_dataset,
+    check_strategy,
     check_writable,
     clear_outputs,
     holds_a_run,
@@ -232,6 +234,7 @@ def prepare_compare_dir(config, ranks, resume, overwrite=False):
     (:func:`clear_comparison`)."""
     root = Path(config.run.dir)
     check_writable(root)
+    check_kind(root, comparison=True)
     if resume and holds_a_compare(root):
         finished = held_runs(config, ranks)
         changed = update_config(root, config)
@@ -274,22 +277,23 @@ def held_runs(config, ranks):
     """Rank 0, on resume: check every configured run held in RUN_DIR (:func:`check_held`);
     return those finished, read back: ``{(seed index, name): RunResult}``."""
     record, finished = None, {}
-    for k, name, _ in schedule(config):
+    for k, name, cls in schedule(config):
         sub = run_config(config, k, name)
         run_dir = Path(sub.run.dir)
         if not holds_a_run(run_dir):
             continue
         record = record or dataset_record(read_info(config.data.path))
-        check_held(run_dir, sub, record, ranks)
+        check_held(run_dir, sub, record, ranks, cls.name)
         if (run_dir / "metrics.json").is_file():
             finished[k, name] = read_result(run_dir)
     return finished
 
 
-def check_held(run_dir, config, record, ranks):
-    """A run held in ``run_dir`` belongs to this comparison: the same configuration (outside
-    :data:`RESUMABLE`), data set (``record``) and rank count (its wall time compares with the
-    others'); an error naming ``run_dir`` and what differs otherwise."""
+def check_held(run_dir, config, record, ranks, strategy):
+    """A run held in ``run_dir`` belongs to this comparison: the same ``strategy``,
+    configuration (outside :data:`RESUMABLE`), data set (``record``) and rank count (its wall
+    time compares with the others'); an error naming ``run_dir`` and what differs otherwise."""
+    check_strategy(run_dir, strategy)
     check_resumable(run_dir / "config.yaml", config, RESUMABLE,
                     "a resumed comparison keeps the configuration of its runs")
     check_same_dataset(run_dir, record)

@@ -25,7 +25,9 @@ from ddmpi.parallel import cluster
 from ddmpi.report import output as report
 from ddmpi.strategies.rundir import (
     RunDirError,
+    check_kind,
     check_same_dataset,
+    check_strategy,
     check_writable,
     clear_outputs,
     end_segment,
@@ -178,7 +180,8 @@ def open_run(config, world, resume=False, strategy_cls=Strategy, overwrite=False
     run_dir = Path(config.run.dir)
     info = check_run(config, strategy_cls, world.size)
     binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
-    resume, notes = on_root(world, prepare_run_dir, config, info, resume, world.size, overwrite)
+    resume, notes = on_root(world, prepare_run_dir, config, info, resume, world.size,
+                            strategy_cls.name, overwrite)
     log = rank_logger(run_dir, world.rank, console=world.rank == 0)
     for note in notes:
         log.warning(note)
@@ -217,16 +220,18 @@ def on_root(world, fn, *args):
     return outcome
 
 
-def prepare_run_dir(config, info, resume, ranks, overwrite=False):
+def prepare_run_dir(config, info, resume, ranks, strategy, overwrite=False):
     """Rank 0: check the run directory and store the configuration and the data set's record;
     return whether the run continues (``resume`` and a checkpoint there) and notes to log.
 
-    A continued run must have the same data set (under any path); a new one replaces an
-    earlier run's outputs (:func:`clear_earlier`)."""
+    A continued run must be of the same ``strategy`` (the name of its class) and data set
+    (under any path); a new one replaces an earlier run's outputs (:func:`clear_earlier`)."""
     run_dir = Path(config.run.dir)
     check_writable(run_dir)
+    check_kind(run_dir, comparison=False)
     record, notes = dataset_record(info), []
     if resume and holds_a_run(run_dir):
+        check_strategy(run_dir, strategy)
         check_same_dataset(run_dir, record)
         changed = update_config(run_dir, config)
         if changed:
@@ -237,7 +242,7 @@ def prepare_run_dir(config, info, resume, ranks, overwrite=False):
         write_text(run_dir / "config.yaml", dump(config))
         resume = False
     write_text(run_dir / "dataset.json", json.dumps(record, indent=2))
-    start_segment(run_dir, ranks, resume)
+    start_segment(run_dir, ranks, resume, strategy)
     return resume, notes
 
 

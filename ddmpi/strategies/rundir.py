@@ -66,13 +66,14 @@ def read_json(path):
         raise RunDirError(f"{path}: not valid JSON ({err})") from None
 
 
-def start_segment(run_dir, ranks, resumed):
-    """Record in ``RUN_DIR/segments.json`` that a segment of the run starts (a fresh run
-    starts the list anew)."""
+def start_segment(run_dir, ranks, resumed, strategy):
+    """Record in ``RUN_DIR/segments.json`` that a segment of the run of ``strategy`` starts (a
+    fresh run starts the list anew)."""
     path = Path(run_dir) / "segments.json"
     segments = read_json(path) if resumed and path.is_file() else []
     segments.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "ranks": ranks, "resumed": resumed, "wall_seconds": None, "end": None})
+                     "ranks": ranks, "resumed": resumed, "strategy": strategy,
+                     "wall_seconds": None, "end": None})
     write_text(path, json.dumps(segments, indent=2))
 
 
@@ -86,6 +87,42 @@ def end_segment(run_dir, wall_seconds, end, signal=None):
         segments[-1]["signal"] = signal
     write_text(path, json.dumps(segments, indent=2))
     return segments
+
+
+def recorded_strategy(run_dir):
+    """The strategy of the run in ``run_dir``: as its segments.json records it, else (a run
+    started before segments recorded it) as its metrics.json does; None if neither does."""
+    run_dir = Path(run_dir)
+    path = run_dir / "segments.json"
+    recorded = [s["strategy"] for s in (read_json(path) if path.is_file() else [])
+                if "strategy" in s]
+    if not recorded and (run_dir / "metrics.json").is_file():
+        recorded = [read_json(run_dir / "metrics.json").get("strategy")]
+    return recorded[0] if recorded else None
+
+
+def check_strategy(run_dir, strategy):
+    """On resume: the run in ``run_dir`` is one of ``strategy``, else a RunDirError naming
+    both (its checkpoints are another model's)."""
+    recorded = recorded_strategy(run_dir)
+    if recorded not in (None, strategy):
+        raise RunDirError(f"{run_dir} holds a {recorded} run, not a {strategy} run: resume it "
+                          f"with the command that started it (ddmpi train runs cnn_dnn; ddmpi "
+                          f"compare --resume continues a comparison's runs)")
+
+
+def check_kind(run_dir, comparison):
+    """``run_dir`` holds no run of the other command: for a run (``comparison`` False) no
+    comparison's ``seed*/`` runs, for a comparison no run's segments.json; else a RunDirError
+    (neither command may write over the other's configuration)."""
+    run_dir = Path(run_dir)
+    if not comparison and any(run_dir.glob("seed*/*/segments.json")):
+        raise RunDirError(f"{run_dir} holds a comparison (seed*/ runs of ddmpi compare), not a "
+                          f"run: ddmpi compare --resume {run_dir} continues it; give ddmpi "
+                          f"train another run directory")
+    if comparison and (run_dir / "segments.json").is_file():
+        raise RunDirError(f"{run_dir} holds a run of ddmpi train, not a comparison: give ddmpi "
+                          f"compare another run directory")
 
 
 def clear_outputs(run_dir):
