@@ -187,10 +187,11 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_metrics(tmp_path, 
     final = json.loads((run / "metrics.json").read_text())
     assert _comparable(final) == _comparable(reference)
 
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr  # a finished run: evaluated again, recorded
-    final = json.loads((run / "metrics.json").read_text())
     segments = final["segments"]
     assert [(s["resumed"], s["end"]) for s in segments] == [
-        (False, "signal"), (True, "finished"), (True, "finished")]
+        (False, "signal"), (True, "finished")]
     assert final["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in segments))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # a finished run: nothing to do, said so
+    assert f"{run}: the run finished in an earlier job, nothing to resume" in again.stdout
+    assert json.loads((run / "metrics.json").read_text()) == final

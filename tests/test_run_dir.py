@@ -16,7 +16,7 @@ from ddmpi.parallel import cluster
 from ddmpi.parallel.cluster import BindingError
 from ddmpi.parallel.group import Group
 from ddmpi.parallel.layout import MappingError
-from ddmpi.strategies.base import open_run
+from ddmpi.strategies.base import open_run, run
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.global_ddp import GlobalDDP
 from ddmpi.strategies.rundir import RunDirError
@@ -121,12 +121,36 @@ def test_overwrite_removes_nothing_before_every_check_passed(digits_h5, tmp_path
 def test_resume_keeps_the_earlier_runs_outputs_and_updates_its_config(digits_h5, tmp_path):
     run_dir = tmp_path / "run"
     _earlier_run(run_dir, _config(digits_h5, run_dir, "data.in_memory=false"))
+    (run_dir / "metrics.json").unlink()  # unfinished
     config = _config(digits_h5, run_dir)
     assert open_run(config, SELF, resume=True).resume
     assert (run_dir / "checkpoints" / "local_008.pt").exists()
     assert (run_dir / "config.yaml").read_text() == dump(config)
     assert "resumed with changed fields (config.yaml updated): data.in_memory False -> " \
            "'auto'" in _log(run_dir)
+
+
+def _must_not_train(self):
+    raise AssertionError("a finished run was trained again")
+
+
+def test_resume_of_a_finished_run_does_nothing_but_say_so(digits_h5, tmp_path, monkeypatch,
+                                                          capsys):
+    """No second training, segment or wall time: the result it wrote, read back."""
+    run_dir = tmp_path / "run"
+    config = _config(digits_h5, run_dir, "local.epochs=1", "local.model.width=4",
+                     "coarse.epochs=5", "run.threads_per_rank=1")
+    first = run(CNNDNN, config, SELF)
+    before = _files(run_dir)
+    monkeypatch.setattr(CNNDNN, "train", _must_not_train)
+    again = run(CNNDNN, _config(digits_h5, run_dir, "local.epochs=1", "local.model.width=4",
+                                "coarse.epochs=5", "run.threads_per_rank=1",
+                                "data.in_memory=false"), SELF, resume=True)
+    assert _files(run_dir) == before  # config.yaml too: nothing resumed, nothing to update
+    assert (again.wall_seconds, again.segments) == (first.wall_seconds, first.segments)
+    assert again.combiners["chosen"]["accuracy"] == first.combiners["chosen"]["accuracy"]
+    assert (f"{run_dir}: the run finished in an earlier job, nothing to resume; its metrics: "
+            f"{run_dir / 'metrics.json'}") in capsys.readouterr().out
 
 
 def test_a_configuration_error_leaves_no_config_behind(digits_h5, tmp_path):

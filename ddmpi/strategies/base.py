@@ -93,6 +93,7 @@ class RunContext:
     info: object           # ddmpi.data.schema.DatasetInfo
     binding: object
     resume: bool
+    finished: bool = False  # resumed after it finished: nothing to do
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     start: float = field(default_factory=time.perf_counter)
 
@@ -146,8 +147,11 @@ class Strategy(ABC):
 
 
 def run(strategy_cls, config, world, resume=False, overwrite=False):
-    """Run ``strategy_cls`` on the ranks of ``world``; the result on rank 0, None elsewhere."""
+    """Run ``strategy_cls`` on the ranks of ``world``; the result on rank 0, None elsewhere (a
+    run resumed after it finished: the result it wrote, read back)."""
     ctx = open_run(config, world, resume, strategy_cls, overwrite)
+    if ctx.finished:
+        return read_result(ctx.run_dir) if world.rank == 0 else None
     preemption.install()
     scope = memory.reset_peaks(ctx.device)
     strategy = strategy_cls(ctx)
@@ -180,15 +184,16 @@ def open_run(config, world, resume=False, strategy_cls=Strategy, overwrite=False
     run_dir = Path(config.run.dir)
     info = check_run(config, strategy_cls, world.size)
     binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
-    resume, notes = on_root(world, prepare_run_dir, config, info, resume, world.size,
-                            strategy_cls.name, overwrite)
+    state, notes = on_root(world, prepare_run_dir, config, info, resume, world.size,
+                           strategy_cls.name, overwrite)
     log = rank_logger(run_dir, world.rank, console=world.rank == 0)
     for note in notes:
         log.warning(note)
     log.info(str(binding))
     if config.run.amp is True and binding.device.type != "cuda":
         log.warning(f"run.amp: bf16 autocast is for CUDA; {binding.device} trains in float32")
-    return RunContext(config, world, run_dir, log, info, binding, resume)
+    return RunContext(config, world, run_dir, log, info, binding, state == "resumed",
+                      state == "finished")
 
 
 def check_run(config, strategy_cls, ranks):
@@ -222,28 +227,32 @@ def on_root(world, fn, *args):
 
 def prepare_run_dir(config, info, resume, ranks, strategy, overwrite=False):
     """Rank 0: check the run directory and store the configuration and the data set's record;
-    return whether the run continues (``resume`` and a checkpoint there) and notes to log.
+    return the run's state ("new"; "resumed": ``resume`` and a run there; "finished": that run
+    had finished, nothing to do) and notes to log.
 
     A continued run must be of the same ``strategy`` (the name of its class) and data set
     (under any path); a new one replaces an earlier run's outputs (:func:`clear_earlier`)."""
     run_dir = Path(config.run.dir)
     check_writable(run_dir)
     check_kind(run_dir, comparison=False)
-    record, notes = dataset_record(info), []
+    record = dataset_record(info)
     if resume and holds_a_run(run_dir):
         check_strategy(run_dir, strategy)
         check_same_dataset(run_dir, record)
+        if trained_state(run_dir) == "finished":
+            return "finished", [f"{run_dir}: the run finished in an earlier job, nothing to "
+                                f"resume; its metrics: {run_dir / 'metrics.json'}"]
+        state, notes = "resumed", []
         changed = update_config(run_dir, config)
         if changed:
             notes.append("resumed with changed fields (config.yaml updated): " + ", ".join(
                 f"{key} {old!r} -> {new!r}" for key, old, new in changed))
     else:
-        notes = clear_earlier(run_dir, info, resume, overwrite)
+        notes, state = clear_earlier(run_dir, info, resume, overwrite), "new"
         write_text(run_dir / "config.yaml", dump(config))
-        resume = False
     write_text(run_dir / "dataset.json", json.dumps(record, indent=2))
-    start_segment(run_dir, ranks, resume, strategy)
-    return resume, notes
+    start_segment(run_dir, ranks, state == "resumed", strategy)
+    return state, notes
 
 
 def clear_earlier(run_dir, info, resume, overwrite):

@@ -38,12 +38,10 @@ OUTPUTS = ("checkpoints", "decisions", "scalars", "tensorboard", "plots", "metri
 
 
 def holds_a_run(run_dir):
-    """Whether ``run_dir`` holds a run to continue: its configuration and a checkpoint (a
-    directory where nothing was trained, say after a configuration error, holds none)."""
-    run_dir = Path(run_dir)
-    checkpoints = run_dir / "checkpoints"
-    return (run_dir / "config.yaml").is_file() and checkpoints.is_dir() and any(
-        checkpoints.glob("*.pt"))
+    """Whether ``run_dir`` holds a run to continue (or finished): its configuration and a
+    :func:`trained_state` (a directory where nothing was trained, say after a configuration
+    error, holds none)."""
+    return (Path(run_dir) / "config.yaml").is_file() and trained_state(run_dir) is not None
 
 
 def trained_state(run_dir):
