@@ -24,7 +24,7 @@ from ddmpi.parallel import cluster
 from ddmpi.parallel.cluster import BindingError
 from ddmpi.parallel.group import Group
 from ddmpi.strategies.base import read_result
-from ddmpi.strategies.rundir import RunDirError
+from ddmpi.strategies.rundir import RunDirError, RunDirLock
 
 SELF = Group.single()
 TINY = ["local.epochs=2", "local.model.width=4", "coarse.epochs=10", "run.device=cpu",
@@ -44,9 +44,10 @@ def _args(**kwargs):
 
 
 def _files(root):
-    """{path: (mtime_ns, bytes)} of every file under ``root``."""
+    """{path: (mtime_ns, bytes)} of every file under ``root`` but the lock files (each job
+    writes its own pid and host there)."""
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 class _Trained(Exception):
@@ -233,6 +234,17 @@ def test_compare_refuses_a_run_of_ddmpi_train(held, monkeypatch):
                                               rf"comparison"):
             run_compare(_config(data, run_dir), SELF, resume=resume, overwrite=not resume)
     assert _files(run_dir) == before
+
+
+def test_a_comparison_in_use_by_another_job_is_refused(held, monkeypatch):
+    root, data = held
+    before = _files(root)
+    _no_training(monkeypatch)
+    with RunDirLock(root):  # another job's, in this process: another open file
+        for resume, overwrite in ((True, False), (False, True)):
+            with pytest.raises(RunDirError, match=rf"^{root} is in use by another job \(pid "):
+                run_compare(_config(data, root), SELF, resume=resume, overwrite=overwrite)
+    assert _files(root) == before
 
 
 def test_a_new_comparison_refuses_a_held_one_without_overwrite(held, monkeypatch):

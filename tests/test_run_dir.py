@@ -4,6 +4,10 @@ against data."""
 import json
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from conftest import write_digits_h5
@@ -19,7 +23,7 @@ from ddmpi.parallel.layout import MappingError
 from ddmpi.strategies.base import open_run, run
 from ddmpi.strategies.cnn_dnn import CNNDNN
 from ddmpi.strategies.global_ddp import GlobalDDP
-from ddmpi.strategies.rundir import RunDirError
+from ddmpi.strategies.rundir import RunDirError, RunDirLock
 
 SELF = Group.single()
 
@@ -47,7 +51,7 @@ def test_overwrite_replaces_an_earlier_runs_outputs(digits_h5, tmp_path):
     _earlier_run(run_dir)
     open_run(_config(digits_h5, run_dir), SELF, overwrite=True)
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    assert left == ["config.yaml", "dataset.json", "logs/rank_00000.log", "notes.txt",
+    assert left == [".lock", "config.yaml", "dataset.json", "logs/rank_00000.log", "notes.txt",
                     "segments.json"]
     assert "held an earlier run: its checkpoints, decisions, scalars, tensorboard, metrics.json " \
            "were removed" in _log(run_dir)
@@ -307,6 +311,51 @@ def test_a_run_refuses_a_comparisons_directory(digits_h5, tmp_path, resume):
     assert _files(root) == before
 
 
+# another job: takes the run directory's lock, says so and sleeps until it is killed
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from ddmpi.strategies.rundir import RunDirLock
+    lock = RunDirLock(sys.argv[1])
+    print("held", flush=True)
+    time.sleep(300)
+""")
+
+
+def test_a_run_dir_in_use_by_another_job_is_refused_until_it_ends(digits_h5, tmp_path):
+    """One line naming the holder; the lock goes with the holder's process, however it ends
+    (here SIGKILL, as a crash or a node failure): no stale lock."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunDirError, match=rf"^{re.escape(str(run_dir))} is in use by another "
+                                              rf"job \(pid {holder.pid} on "
+                                              rf"{re.escape(socket.gethostname())}\)$"):
+            open_run(_config(digits_h5, run_dir), SELF)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not open_run(_config(digits_h5, run_dir), SELF).resume
+
+
+def _fails(self):
+    raise RuntimeError("failed in training")
+
+
+def test_a_run_holds_its_directory_until_it_ends(digits_h5, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    ctx = open_run(_config(digits_h5, run_dir), SELF)
+    with pytest.raises(RunDirError, match="is in use by another job"):
+        open_run(_config(digits_h5, run_dir), SELF, overwrite=True)
+    ctx.lock.close()
+    monkeypatch.setattr(CNNDNN, "train", _fails)
+    with pytest.raises(RuntimeError, match="failed in training"):
+        run(CNNDNN, _config(digits_h5, run_dir), SELF)
+    RunDirLock(run_dir).close()  # released by the failed run
+
+
 def test_flip_axes_must_be_axes_of_the_data(digits_h5, tmp_path):
     with pytest.raises(ConfigError, match=r"'data.augment.flip_axes': 2 is not a spatial axis "
                                           r"of a 2D image \(0..1 or negative\) \(.*digits.h5\)"):
@@ -320,9 +369,10 @@ def test_amp_on_a_cpu_says_it_trains_in_float32(digits_h5, tmp_path):
 
 
 def _files(run_dir):
-    """Every file of ``run_dir`` but the logs, with its content."""
+    """Every file of ``run_dir`` but the logs and the lock (the job that takes it writes its
+    pid and host there), with its content."""
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and "logs" not in p.parts}
+            if p.is_file() and "logs" not in p.parts and p.name != ".lock"}
 
 
 class _World:

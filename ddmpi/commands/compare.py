@@ -39,6 +39,7 @@ from ddmpi.strategies.base import (
     check_run,
     dataset_record,
     decomposition_of,
+    lock_run_dir,
     on_root,
     read_result,
     run,
@@ -52,7 +53,6 @@ from ddmpi.strategies.rundir import (
     check_kind,
     check_same_dataset,
     check_strategy,
-    check_writable,
     clear_outputs,
     holds_a_run,
     read_json,
@@ -149,20 +149,34 @@ def read_through(path, split, budget_bytes, block_bytes=64 << 20):
 
 def run_compare(config, world, resume=False, overwrite=False):
     """Run every strategy for every seed (``resume``: continue the comparison in RUN_DIR, see
-    the module's docstring; ``overwrite``: replace the one held there); the comparison dict on
-    rank 0, None elsewhere."""
+    the module's docstring; ``overwrite``: replace the one held there), holding RUN_DIR's lock
+    (each run holds its own directory's too); the comparison dict on rank 0, None elsewhere."""
     check(config)
-    root = Path(config.run.dir)
     device = check_runs(config, world)
-    finished = on_root(world, prepare_compare_dir, config, world.size, resume, overwrite)
+    with lock_run_dir(config.run.dir, world) as lock:
+        for note in lock.notes:
+            print(f"=== ddmpi compare: {note}", flush=True)
+        finished = on_root(world, prepare_compare_dir, config, world.size, resume, overwrite)
+        runs, budget = run_all(config, world, device, finished, resume)
+        if world.rank == 0:
+            return write_comparison(config, world.size, runs, budget, finished)
+    return None
+
+
+def run_all(config, world, device, finished, resume):
+    """After the untimed warm-up and finding the global widths: every run (:func:`run_plan`);
+    ``(runs, budget)`` (the budget of the matched global CNNs)."""
     seconds = warm_up(config, world, device)
     budget, widths = resolve_widths(config)
     if world.rank == 0:
         print(f"=== ddmpi compare: untimed warm-up, {seconds:.1f} s", flush=True)
-    runs = run_plan(config, world, schedule(config, widths), finished, resume)
-    if world.rank != 0:
-        return None
-    comparison = summarise(config, world.size, runs, budget)
+    return run_plan(config, world, schedule(config, widths), finished, resume), budget
+
+
+def write_comparison(config, ranks, runs, budget, finished):
+    """Rank 0: the comparison of ``runs`` on ``ranks`` ranks, printed and written to RUN_DIR."""
+    root = Path(config.run.dir)
+    comparison = summarise(config, ranks, runs, budget)
     comparison["runs"] = provenance(config, runs, finished)
     print("\n" + table.format_table(comparison), flush=True)
     write_text(root / "comparison.json", json.dumps(comparison, indent=2, default=float) + "\n")
@@ -228,12 +242,11 @@ def run_one(cls, config, world, name, resume):
 
 
 def prepare_compare_dir(config, ranks, resume, overwrite=False):
-    """Rank 0: store the configuration in RUN_DIR; the runs finished in an earlier job,
-    ``{(seed index, name): RunResult}``. Resuming a comparison held there checks its runs
-    (:func:`held_runs`) and returns those finished; a new one replaces an earlier comparison
-    (:func:`clear_comparison`)."""
+    """Rank 0, holding RUN_DIR's lock: store the configuration in RUN_DIR; the runs finished
+    in an earlier job, ``{(seed index, name): RunResult}``. Resuming a comparison held there
+    checks its runs (:func:`held_runs`) and returns those finished; a new one replaces an
+    earlier comparison (:func:`clear_comparison`)."""
     root = Path(config.run.dir)
-    check_writable(root)
     check_kind(root, comparison=True)
     if resume and holds_a_compare(root):
         finished = held_runs(config, ranks)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -25,10 +25,10 @@ from ddmpi.parallel import cluster
 from ddmpi.report import output as report
 from ddmpi.strategies.rundir import (
     RunDirError,
+    RunDirLock,
     check_kind,
     check_same_dataset,
     check_strategy,
-    check_writable,
     clear_outputs,
     end_segment,
     holds_a_run,
@@ -94,6 +94,7 @@ class RunContext:
     binding: object
     resume: bool
     finished: bool = False  # resumed after it finished: nothing to do
+    lock: RunDirLock = field(default_factory=RunDirLock)  # rank 0's hold on the directory
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     start: float = field(default_factory=time.perf_counter)
 
@@ -147,11 +148,19 @@ class Strategy(ABC):
 
 
 def run(strategy_cls, config, world, resume=False, overwrite=False):
-    """Run ``strategy_cls`` on the ranks of ``world``; the result on rank 0, None elsewhere (a
-    run resumed after it finished: the result it wrote, read back)."""
+    """Run ``strategy_cls`` on the ranks of ``world``, holding the run directory's lock; the
+    result on rank 0, None elsewhere (a run resumed after it finished: the result it wrote,
+    read back)."""
     ctx = open_run(config, world, resume, strategy_cls, overwrite)
-    if ctx.finished:
-        return read_result(ctx.run_dir) if world.rank == 0 else None
+    with ctx.lock:
+        if ctx.finished:
+            return read_result(ctx.run_dir) if world.rank == 0 else None
+        return run_opened(strategy_cls, ctx)
+
+
+def run_opened(strategy_cls, ctx):
+    """Train, evaluate and report the run of the opened ``ctx`` (see :func:`run`)."""
+    world = ctx.world
     preemption.install()
     scope = memory.reset_peaks(ctx.device)
     strategy = strategy_cls(ctx)
@@ -179,21 +188,25 @@ def run(strategy_cls, config, world, resume=False, overwrite=False):
 
 def open_run(config, world, resume=False, strategy_cls=Strategy, overwrite=False):
     """Collective: the checks of :func:`check_run`, binding device and threads, then (nothing
-    in the run directory changes before they pass) preparing the run directory (see
-    :func:`prepare_run_dir`) and opening this rank's log."""
+    in the run directory changes before they pass) taking its lock (:func:`lock_run_dir`,
+    held by the returned context), preparing it (:func:`prepare_run_dir`) and opening this
+    rank's log."""
     run_dir = Path(config.run.dir)
     info = check_run(config, strategy_cls, world.size)
     binding = cluster.bind_process(world, config.run.device, config.run.threads_per_rank)
-    state, notes = on_root(world, prepare_run_dir, config, info, resume, world.size,
-                           strategy_cls.name, overwrite)
-    log = rank_logger(run_dir, world.rank, console=world.rank == 0)
-    for note in notes:
+    with ExitStack() as unlock_on_error:
+        lock = unlock_on_error.enter_context(lock_run_dir(run_dir, world))
+        state, notes = on_root(world, prepare_run_dir, config, info, resume, world.size,
+                               strategy_cls.name, overwrite)
+        log = rank_logger(run_dir, world.rank, console=world.rank == 0)
+        unlock_on_error.pop_all()
+    for note in lock.notes + notes:
         log.warning(note)
     log.info(str(binding))
     if config.run.amp is True and binding.device.type != "cuda":
         log.warning(f"run.amp: bf16 autocast is for CUDA; {binding.device} trains in float32")
     return RunContext(config, world, run_dir, log, info, binding, state == "resumed",
-                      state == "finished")
+                      state == "finished", lock)
 
 
 def check_run(config, strategy_cls, ranks):
@@ -208,6 +221,22 @@ def check_run(config, strategy_cls, ranks):
     _check_augment(config, info)
     strategy_cls.check_fit(config, info, ranks)
     return info
+
+
+def lock_run_dir(run_dir, world):
+    """Collective: ``run_dir``'s :class:`~ddmpi.strategies.rundir.RunDirLock`, taken by rank 0
+    (the other ranks' holds nothing) and held until closed; another job holding it, or an
+    unwritable directory, is an error raised on every rank."""
+    lock, error = RunDirLock(), None
+    if world.rank == 0:
+        try:
+            lock = RunDirLock(run_dir)
+        except (ValueError, OSError) as err:
+            error = err
+    error = world.bcast(error)
+    if error is not None:
+        raise error
+    return lock
 
 
 def on_root(world, fn, *args):
@@ -226,14 +255,13 @@ def on_root(world, fn, *args):
 
 
 def prepare_run_dir(config, info, resume, ranks, strategy, overwrite=False):
-    """Rank 0: check the run directory and store the configuration and the data set's record;
-    return the run's state ("new"; "resumed": ``resume`` and a run there; "finished": that run
-    had finished, nothing to do) and notes to log.
+    """Rank 0, holding the run directory's lock: check it and store the configuration and the
+    data set's record; return the run's state ("new"; "resumed": ``resume`` and a run there;
+    "finished": that run had finished, nothing to do) and notes to log.
 
     A continued run must be of the same ``strategy`` (the name of its class) and data set
     (under any path); a new one replaces an earlier run's outputs (:func:`clear_earlier`)."""
     run_dir = Path(config.run.dir)
-    check_writable(run_dir)
     check_kind(run_dir, comparison=False)
     record = dataset_record(info)
     if resume and holds_a_run(run_dir):

@@ -1,8 +1,11 @@
 """The run directory: its checks, per-rank logs, and where every file of a run lives."""
 
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -186,6 +189,49 @@ def check_writable(run_dir, min_free_bytes=MIN_FREE_BYTES):
     if free < min_free_bytes:
         raise RunDirError(f"run directory {run_dir}: only {free >> 20} MiB free on its file "
                           f"system, need at least {min_free_bytes >> 20} MiB")
+
+
+class RunDirLock:
+    """A job's hold on ``RUN_DIR/.lock`` while it runs there, taken by rank 0: an exclusive,
+    non-blocking ``flock``, so that a second job on the directory is refused, naming the
+    holder (the file's content). The kernel drops it when the process ends, however it ends:
+    a crash leaves the file, never a stale lock. ``RunDirLock()`` holds nothing (the other
+    ranks); ``notes``: why nothing is held on a file system without locks."""
+
+    def __init__(self, run_dir=None):
+        self.file, self.notes = None, []
+        if run_dir is not None:
+            self._take(Path(run_dir))
+
+    def _take(self, run_dir):
+        check_writable(run_dir)
+        self.file = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held until close())
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "holder unknown"
+            self.close()
+            raise RunDirError(f"{run_dir} is in use by another job ({holder})") from None
+        except OSError as err:  # say, Lustre mounted without flock
+            self.close()
+            self.notes.append(f"{run_dir}: its file system takes no lock ({err.strerror}), so "
+                              f"another job using it at the same time would go unnoticed")
+            return
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def rank_logger(run_dir, rank, console=False):
