@@ -81,6 +81,30 @@ def mpirun(n, *command):
     return cmd, env
 
 
+def corrupt_h5(src, dest, target="chunks"):
+    """Copy the data set file ``src`` to ``dest`` with structures overwritten, as bit rot or a
+    partial copy would: ``"chunks"``, the chunk index (v1 B-tree) of every images dataset
+    (reading images fails, the header still opens); an object's path such as "/train/labels",
+    its object header (opening it fails)."""
+    import re
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dest)
+    raw = bytearray(Path(dest).read_bytes())
+    if target == "chunks":
+        offsets = [m.start() for m in re.finditer(b"TREE\x01", raw)]  # node type 1: chunks
+    else:
+        with h5py.File(src, "r") as f:
+            offsets = [h5py.h5o.get_info(f[target].id).addr]
+    assert offsets, f"no {target} found in {src}"
+    for offset in offsets:
+        raw[offset:offset + 8] = b"\xaa" * 8
+    Path(dest).write_bytes(raw)
+    return dest
+
+
 def digits_subimages(start, stop):
     """Subimages {s: (N, 1, 4, 4)} of the 2x2 subdomains of digits[start:stop], labels (N,)."""
     import torch

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import write_digits_h5
-from helpers import mpirun, shared_data
+from helpers import corrupt_h5, mpirun, shared_data
 
 from ddmpi.commands.predict import predict
 from ddmpi.config import load_config
@@ -124,6 +124,15 @@ def test_errors_name_the_input(trained, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(odd)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "notes.txt: unsupported input type" in proc.stderr
+
+
+def test_a_corrupt_input_file_is_one_line_naming_it(trained, tmp_path):
+    run, data, _ = trained
+    bad = corrupt_h5(data, tmp_path / "bad.h5")
+    proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(bad)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {bad}: cannot read /test/images (" in proc.stderr
 
 
 def test_nifti_volumes_of_a_3d_run(tmp_path):

@@ -29,7 +29,7 @@ from ddmpi.commands import check_resumable, exit_preempted, resolve_config, resu
 from ddmpi.config import ConfigError, dump
 from ddmpi.data.atomic import write_text
 from ddmpi.data.reader import check_contents
-from ddmpi.data.schema import open_h5, read_info
+from ddmpi.data.schema import open_h5, read_info, reading
 from ddmpi.models.cnn import build_cnn
 from ddmpi.models.flops import training_flops
 from ddmpi.parallel import cluster
@@ -138,7 +138,7 @@ def resolve_widths(config):
 def read_through(path, split, budget_bytes, block_bytes=64 << 20):
     """Read a split's images once, block by block, keeping nothing (the page cache keeps them);
     not at all when they exceed ``budget_bytes`` (streamed data is read from disk by every run)."""
-    with open_h5(path) as f:
+    with open_h5(path) as f, reading(path, f"/{split}/images"):
         images = f[split]["images"]
         if images.size * images.dtype.itemsize > budget_bytes:
             return

@@ -13,7 +13,16 @@ import numpy as np
 import torch
 
 from ddmpi.data.decomposition import Decomposition
-from ddmpi.data.schema import SPLITS, DatasetError, normalization_of, open_h5, read_info
+from ddmpi.data.schema import (
+    SPLITS,
+    DatasetError,
+    h5_object,
+    normalization_of,
+    open_h5,
+    read_info,
+    reading,
+    split_labels,
+)
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_MEMORY_BUDGET", "SubdomainDataset", "as_box", "check_contents",
            "load_subdomain", "read_box", "read_box_h5", "read_subdomain"]
@@ -24,7 +33,8 @@ SPARSE_FILL = 1 / 8  # lazy reads filling less of the chunks they touch read onl
 
 
 def _check_split(f, path, split):
-    if not isinstance(split, str) or split not in f or "images" not in f[split]:
+    if not isinstance(split, str) or split not in f \
+            or "images" not in h5_object(f, path, f"/{split}"):
         present = [s for s in ("train", "val", "test") if s in f]
         raise DatasetError(f"{path}: no split {split!r} in this data set (it has {present})")
 
@@ -135,21 +145,12 @@ def read_box_h5(h5file, split, box, block=DEFAULT_BLOCK, count=None):
     stored dtype ``(N, C, *box_shape)``, ``y`` int64 ``(N,)``; both checked."""
     path = getattr(h5file, "filename", "<h5 file>")
     _check_split(h5file, path, split)
-    dset = h5file[split]["images"]
+    name = f"/{split}/images"
+    dset = h5_object(h5file, path, name)
     slices = as_box(box, dset.shape[2:], path)
-    x = _read_rows(dset, slice(0, dset.shape[0]), slices, block, count)
+    with reading(path, name):
+        x = _read_rows(dset, slice(0, dset.shape[0]), slices, block, count)
     return check_finite(x, path, split), split_labels(h5file, split, path)
-
-
-def split_labels(h5file, split, path):
-    """The labels (N,) int64 of ``split``; each must index the file's classes."""
-    labels = np.asarray(h5file[split]["labels"][()], dtype=np.int64)
-    k = len(h5file["classes"])
-    outside = labels[(labels < 0) | (labels >= k)]
-    if len(outside):
-        raise DatasetError(f"{path}: {split}/labels holds {outside[0]}, not a class index "
-                           f"0..{k - 1}")
-    return labels
 
 
 def check_finite(x, path, split):
@@ -196,7 +197,8 @@ def read_subdomain(h5file, split, decomposition, subdomain, normalize=True,
     path = getattr(h5file, "filename", "<h5 file>")
     _check_split(h5file, path, split)
     norm = normalization_of(h5file, path)
-    _check_decomposition(path, h5file[split]["images"].shape[2:], decomposition)
+    _check_decomposition(path, h5_object(h5file, path, f"/{split}/images").shape[2:],
+                         decomposition)
     x, y = read_box_h5(h5file, split, decomposition.slices(subdomain), block)
     return (norm.apply(x, block) if normalize else norm.unit(x)), y
 
@@ -268,7 +270,7 @@ class SubdomainDataset(torch.utils.data.Dataset):
         else:
             self._x = None
             with open_h5(self.path) as f:
-                y = np.asarray(f[split]["labels"][()], dtype=np.int64)
+                y = split_labels(f, split, self.path)
         self.labels = torch.from_numpy(y)
 
     # -- file handle: opened lazily, once per process ------------------------------------------
@@ -289,8 +291,9 @@ class SubdomainDataset(torch.utils.data.Dataset):
             dapl.set_chunk_cache(0, 0, 1.0)
             # (if this process already has the dataset open elsewhere, HDF5 shares that
             # open object and its cache: still correct, possibly more bytes for sparse reads)
-            self._images = h5py.Dataset(
-                h5py.h5d.open(h5.id, f"/{self.split}/images".encode(), dapl))
+            name = f"/{self.split}/images"
+            with reading(self.path, name):
+                self._images = h5py.Dataset(h5py.h5d.open(h5.id, name.encode(), dapl))
             self._h5, self._pid = h5, os.getpid()
         return self._images
 
@@ -349,10 +352,11 @@ class SubdomainDataset(torch.utils.data.Dataset):
         images = self._dataset()
         contiguous = uniq[-1] - uniq[0] + 1 == uniq.size
         rows = slice(int(uniq[0]), int(uniq[-1]) + 1) if contiguous else uniq
-        if self._sparse(uniq, images.chunks):  # HDF5 reads only the selected bytes
-            x = np.asarray(images[(rows, slice(None)) + self.slices])
-        else:  # whole chunks, each once
-            x = _read_rows(images, rows, self.slices, self.block)
+        with reading(self.path, f"/{self.split}/images"):
+            if self._sparse(uniq, images.chunks):  # HDF5 reads only the selected bytes
+                x = np.asarray(images[(rows, slice(None)) + self.slices])
+            else:  # whole chunks, each once
+                x = _read_rows(images, rows, self.slices, self.block)
         x = self._norm.apply(x, self.block) if self.normalize else self._norm.unit(x)
         if not np.array_equal(uniq, idx):
             x = x[inverse.reshape(-1)]

@@ -6,6 +6,7 @@ Layout, storage dtypes and chunking are documented in docs/dataset-format.md.
 import datetime
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ SPLITS = ("train", "val", "test")
 CHUNK_TARGET_BYTES = 256 * 1024
 TILE_FRACTION = 8
 MIN_TILE = 4
+H5_ERRORS = (OSError, KeyError, RuntimeError)  # what h5py raises on a corrupt or truncated file
 
 
 class DatasetError(ValueError):
@@ -280,10 +282,27 @@ def open_h5(path):
         raise DatasetError(f"{path}: not a readable HDF5 file ({err})") from err
 
 
+@contextmanager
+def reading(path, name):
+    """Within: h5py's errors (a corrupt or truncated file) become a :class:`DatasetError`
+    "``path``: cannot read ``name`` (h5py's message)"."""
+    try:
+        yield
+    except H5_ERRORS as err:
+        message = getattr(err, "strerror", None) or (err.args[0] if err.args else repr(err))
+        raise DatasetError(f"{path}: cannot read {name} ({message})") from err
+
+
+def h5_object(f, path, name):
+    """The object ``name`` (a path in the file) of the open data set file ``f``."""
+    with reading(path, name):
+        return f[name]
+
+
 def read_info(path):
     """Open ``path``, check it against the schema and return its :class:`DatasetInfo`."""
     path = Path(path)
-    with open_h5(path) as f:
+    with open_h5(path) as f, reading(path, "its header"):
         return _validate(path, f)
 
 
@@ -304,13 +323,14 @@ def _validate(path, f):
         if key not in f:
             fail(f"missing '/{key}'")
     storage, scale = _storage(f, version, fail)
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]]
+    with reading(path, "/classes"):
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]]
     channels = _attr(f, "channels", int, fail)
     spatial = _attr(f, "spatial_shape", lambda v: tuple(int(s) for s in v), fail)
     sample_shape = (channels,) + spatial
-    splits = {s: _check_split_group(f[s], s, sample_shape, storage, fail)
+    splits = {s: _check_split_group(f, path, s, sample_shape, storage, fail)
               for s in SPLITS if s in f}
-    norm = f["normalization"]
+    norm = h5_object(f, path, "/normalization")
     mean = _attr(norm, "mean", lambda v: np.asarray(v, dtype=np.float32), fail, "/normalization")
     std = _attr(norm, "std", lambda v: np.asarray(v, dtype=np.float32), fail, "/normalization")
     if mean.shape != (channels,) or std.shape != (channels,):
@@ -333,12 +353,13 @@ def _attr(obj, name, convert, fail, where="/"):
         fail(f"attribute {name!r} of '{where}' is missing or invalid ({err})")
 
 
-def _check_split_group(grp, split, sample_shape, storage, fail):
+def _check_split_group(f, path, split, sample_shape, storage, fail):
     """Number of samples of one split group, after checking its datasets."""
+    grp = h5_object(f, path, f"/{split}")
     for key in ("images", "labels"):
         if key not in grp:
             fail(f"split '{split}' has no '{key}'")
-    images, labels = grp["images"], grp["labels"]
+    images, labels = (h5_object(grp, path, f"/{split}/{key}") for key in ("images", "labels"))
     n = images.shape[0] if images.ndim else 0
     if images.shape[1:] != sample_shape:
         fail(f"'/{split}/images' has shape {images.shape}, expected "
@@ -361,8 +382,9 @@ def normalization_of(f, path=None):
         raise DatasetError(f"{path}: {msg}")
 
     _, scale = _storage(f, _attr(f, "format_version", int, fail), fail)
-    norm = f["normalization"].attrs
-    return Normalization(norm["mean"], norm["std"], scale)
+    with reading(path, "/normalization"):
+        norm = f["normalization"].attrs
+        return Normalization(norm["mean"], norm["std"], scale)
 
 
 def _storage(f, version, fail):
@@ -387,8 +409,22 @@ def _storage(f, version, fail):
 
 
 def read_labels(path, split):
-    """The labels (N,) int64 of one split (no image bytes are read)."""
+    """The labels (N,) int64 of one split, checked (no image bytes are read)."""
     with open_h5(path) as f:
         if split not in f:
             raise DatasetError(f"{path}: no split {split!r} in this data set")
-        return np.asarray(f[split]["labels"][()], dtype=np.int64)
+        return split_labels(f, split, path)
+
+
+def split_labels(f, split, path):
+    """The labels (N,) int64 of ``split`` of the open data set file ``f``; each must index
+    the file's classes."""
+    with reading(path, f"/{split}/labels"):
+        labels = np.asarray(f[split]["labels"][()], dtype=np.int64)
+    with reading(path, "/classes"):
+        k = len(f["classes"])
+    outside = labels[(labels < 0) | (labels >= k)]
+    if len(outside):
+        raise DatasetError(f"{path}: {split}/labels holds {outside[0]}, not a class index "
+                           f"0..{k - 1}")
+    return labels

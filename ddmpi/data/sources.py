@@ -13,15 +13,16 @@ import numpy as np
 import torch
 
 from ddmpi.config import ConfigError
-from ddmpi.data.reader import (
-    DEFAULT_BLOCK,
-    _read_rows,
-    as_box,
-    check_finite,
-    read_box,
+from ddmpi.data.reader import DEFAULT_BLOCK, _read_rows, as_box, check_finite, read_box
+from ddmpi.data.schema import (
+    SPLITS,
+    DatasetError,
+    h5_object,
+    open_h5,
+    read_info,
+    reading,
     split_labels,
 )
-from ddmpi.data.schema import SPLITS, DatasetError, open_h5, read_info
 
 __all__ = ["StreamingSource", "TensorSource", "block_rows_for_budget", "box_nbytes",
            "open_source", "open_splits", "seeded_generator"]
@@ -206,7 +207,7 @@ class StreamingSource:
         self.sample_shape = (self.info.channels,) + tuple(s.stop - s.start for s in self.box)
         self.num_samples = self.info.splits[split]
         with open_h5(self.path) as f:
-            chunk_rows = (f[split]["images"].chunks or (1,))[0]
+            chunk_rows = (h5_object(f, self.path, f"/{split}/images").chunks or (1,))[0]
             self.labels = torch.from_numpy(split_labels(f, split, self.path))
         sample_bytes = int(np.prod(self.sample_shape)) * self.info.itemsize
         if block_rows is None and memory_budget_gb is not None:
@@ -239,8 +240,9 @@ class StreamingSource:
     def _dataset(self):
         """This process's read-only handle on the images, opened on first use."""
         if self._h5 is None or self._pid != os.getpid():
-            self._h5 = open_h5(self.path)
-            self._images, self._pid = self._h5[self.split]["images"], os.getpid()
+            h5 = open_h5(self.path)
+            self._images = h5_object(h5, self.path, f"/{self.split}/images")
+            self._h5, self._pid = h5, os.getpid()
         return self._images
 
     def close(self):
@@ -261,8 +263,10 @@ class StreamingSource:
     def read_block(self, b):
         """Block ``b`` of the box in the stored dtype (rows ``b*block_rows`` onwards)."""
         rows = slice(b * self.block_rows, min(self.num_samples, (b + 1) * self.block_rows))
-        return check_finite(_read_rows(self._dataset(), rows, self.box, DEFAULT_BLOCK,
-                                       self._count), self.path, self.split)
+        images = self._dataset()
+        with reading(self.path, f"/{self.split}/images"):
+            x = _read_rows(images, rows, self.box, DEFAULT_BLOCK, self._count)
+        return check_finite(x, self.path, self.split)
 
     def epoch_order(self, seed, epoch):
         """Blocks in a seeded random order; rows shuffled within windows of ``prefetch``

@@ -20,7 +20,7 @@ from ddmpi.data.atomic import write_text
 from ddmpi.data.augment import Augmenter, AugmentError
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.reader import check_contents
-from ddmpi.data.schema import SPLITS, open_h5, read_info
+from ddmpi.data.schema import SPLITS, open_h5, read_info, reading, split_labels
 from ddmpi.parallel import cluster
 from ddmpi.report import output as report
 from ddmpi.strategies.rundir import (
@@ -341,13 +341,15 @@ def dataset_fingerprint(path):
         for split in SPLITS:
             if split not in f:
                 continue
-            group = f[split]
-            digest.update(group["labels"][()].astype("<i8").tobytes())
-            if "ids" in group:
-                digest.update(b"\0".join(group["ids"][()].astype(bytes)))
-            n = len(group["labels"])
+            labels = split_labels(f, split, path)
+            digest.update(labels.astype("<i8").tobytes())
+            with reading(path, f"/{split}/ids"):
+                if "ids" in f[split]:
+                    digest.update(b"\0".join(f[split]["ids"][()].astype(bytes)))
+            n = len(labels)
             rows = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).astype(int))
-            digest.update(np.ascontiguousarray(group["images"][rows]).tobytes())
+            with reading(path, f"/{split}/images"):
+                digest.update(np.ascontiguousarray(f[split]["images"][rows]).tobytes())
     return digest.hexdigest()
 
 
