@@ -135,6 +135,29 @@ def test_a_corrupt_input_file_is_one_line_naming_it(trained, tmp_path):
     assert f"error: {bad}: cannot read /test/images (" in proc.stderr
 
 
+def test_foreign_labels_and_nan_pixels_are_refused_as_in_training(trained, tmp_path):
+    """A label outside the classes (or a NaN pixel) is one line naming the file and split,
+    not a traceback from the metrics."""
+    import shutil
+
+    import h5py
+
+    run, data, _ = trained
+    labels, nan = tmp_path / "badlab.h5", tmp_path / "nan.h5"
+    for path in (labels, nan):
+        shutil.copy(data, path)
+    with h5py.File(labels, "r+") as f:
+        f["train/labels"][3] = 15
+    with h5py.File(nan, "r+") as f:
+        f["test/images"][2, 0, 1, 1] = np.nan
+    proc = subprocess.run([sys.executable, "-m", "ddmpi", "predict", str(run), str(labels),
+                           "--split", "train"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {labels}: train/labels holds 15, not a class index 0..9" in proc.stderr
+    with pytest.raises(DatasetError, match=r"nan.h5: test/images holds NaN or infinite"):
+        predict(run, [str(nan)], SELF)
+
+
 def test_nifti_volumes_of_a_3d_run(tmp_path):
     lidc = shared_data("lidc-nodules")
     data = tmp_path / "lidc.h5"

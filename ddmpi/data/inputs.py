@@ -302,8 +302,9 @@ def _classes(info):
 
 def _load_h5_split(path, split, classes):
     """``split`` of a prepared data set, unnormalised in [0, 1], with its ids and labels;
-    its classes must be ``classes`` (labels are indices into them)."""
-    from ddmpi.data.schema import open_h5, read_info, reading
+    its classes must be ``classes`` (labels are indices into them). Labels and images are
+    checked as training checks them."""
+    from ddmpi.data.schema import check_finite, open_h5, read_info, reading, split_labels
 
     info = read_info(path)
     if list(info.classes) != classes:
@@ -313,13 +314,13 @@ def _load_h5_split(path, split, classes):
     with open_h5(path) as f:
         if split not in f:
             raise InputError(f"{path}: no split {split!r}")
-        with reading(path, f"/{split}/labels"):
-            labels = np.asarray(f[split]["labels"][()], dtype=np.int64)
+        labels = split_labels(f, split, path)
         with reading(path, f"/{split}/ids"):
             ids = (list(f[split]["ids"].asstr()[()]) if "ids" in f[split]
                    else [f"{split}:{i}" for i in range(len(labels))])
         with reading(path, f"/{split}/images"):
-            return norm.unit(f[split]["images"][()]), ids, labels
+            images = check_finite(f[split]["images"][()], path, split)
+        return norm.unit(images), ids, labels
 
 
 def _load_files(paths, info, channels, shape):

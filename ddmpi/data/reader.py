@@ -16,6 +16,7 @@ from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.schema import (
     SPLITS,
     DatasetError,
+    check_finite,
     h5_object,
     normalization_of,
     open_h5,
@@ -153,13 +154,6 @@ def read_box_h5(h5file, split, box, block=DEFAULT_BLOCK, count=None):
     return check_finite(x, path, split), split_labels(h5file, split, path)
 
 
-def check_finite(x, path, split):
-    """``x``, refused if it holds NaN or infinite values (a float image would poison training)."""
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise DatasetError(f"{path}: {split}/images holds NaN or infinite values")
-    return x
-
-
 def check_contents(path, block_bytes=64 << 20):
     """Read every split of the data set at ``path`` once, ``block_bytes`` of images at a time,
     with the checks its readers make (labels index the classes, float images are finite): a
@@ -169,12 +163,14 @@ def check_contents(path, block_bytes=64 << 20):
             if split not in f:
                 continue
             split_labels(f, split, path)
-            images = f[split]["images"]
+            images = h5_object(f, path, f"/{split}/images")
             if images.dtype.kind != "f":
                 continue
             rows = max(1, block_bytes // (images.dtype.itemsize * int(np.prod(images.shape[1:]))))
             for i in range(0, len(images), rows):
-                check_finite(images[i:i + rows], path, split)
+                with reading(path, f"/{split}/images"):
+                    block = images[i:i + rows]
+                check_finite(block, path, split)
 
 
 def read_box(path, split, box, block=DEFAULT_BLOCK, count=None):

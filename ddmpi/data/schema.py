@@ -428,3 +428,10 @@ def split_labels(f, split, path):
         raise DatasetError(f"{path}: {split}/labels holds {outside[0]}, not a class index "
                            f"0..{k - 1}")
     return labels
+
+
+def check_finite(x, path, split):
+    """``x``, refused if it holds NaN or infinite values (a float image would poison training)."""
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DatasetError(f"{path}: {split}/images holds NaN or infinite values")
+    return x

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from ddmpi.config import ConfigError
-from ddmpi.data.reader import DEFAULT_BLOCK, _read_rows, as_box, check_finite, read_box
+from ddmpi.data.reader import DEFAULT_BLOCK, _read_rows, as_box, read_box
 from ddmpi.data.schema import (
     SPLITS,
     DatasetError,
+    check_finite,
     h5_object,
     open_h5,
     read_info,
