@@ -67,8 +67,8 @@ def build_parser():
         "predict", help="classify new images with a trained run",
         description="Predict classes and probabilities of new images (a ddmpi HDF5 file, "
         "image files, NIfTI volumes or CIFAR python batch files such as test_batch) with a "
-        "trained run directory; serial, or under MPI with the subdomains (of a global CNN run: the "
-        "images) spread over the ranks.")
+        "trained run directory; serial, or under MPI on any number of ranks with the subdomains "
+        "(of a global CNN run: the images) spread over them (ranks beyond the subdomains idle).")
     predict.add_argument("run_dir", help="run directory written by 'ddmpi train', or one "
                          "strategy's run directory of 'ddmpi compare' (CNN-DNN, coherent or "
                          "global CNN)")

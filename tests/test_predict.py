@@ -39,12 +39,12 @@ def trained(tmp_path_factory):
     return base / "run", data, result
 
 
-def _other_run(trained, strategy, name):
+def _other_run(trained, strategy, name, *overrides):
     """A run of ``strategy`` on the fixture's data, 2 epochs."""
     data = trained[1]
     run_dir = trained[0].parent / name
     config = load_config("quickstart", [f"data.path={data}", f"run.dir={run_dir}",
-                                        "local.epochs=2", "run.threads_per_rank=1"])
+                                        "local.epochs=2", "run.threads_per_rank=1", *overrides])
     return run_dir, data, run_strategy(strategy, config, SELF)
 
 
@@ -111,6 +111,21 @@ def test_cli_under_mpi_equals_serial(kind, request, tmp_path):
     assert rows[0][:2] == ["id", "prediction"] and len(rows) == 1 + len(read_labels(data, "test"))
     assert parallel.read_text() == serial.read_text()
     assert b"\r" not in serial.read_bytes()                 # plain LF lines, on stdout too
+
+
+def test_more_ranks_than_subdomains_predict_as_serial(trained, tmp_path):
+    """4 ranks (a hybrid layout train accepts) for a 2-subdomain run: the surplus ranks idle."""
+    run, data, _ = _other_run(trained, CNNDNN, "two_subdomains", "decomposition.grid=[1, 2]",
+                              "coarse.epochs=5")
+    serial, _, _ = predict(run, [str(data)], SELF)
+    out = tmp_path / "parallel.csv"
+    cmd, env = mpirun(4, "python", "-m", "ddmpi", "predict", str(run), str(data), "--out",
+                      str(out))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.reader(out.open()))[1:]
+    assert len(rows) == len(serial)
+    np.testing.assert_allclose([[float(v) for v in row[2:]] for row in rows], serial, atol=1e-6)
 
 
 def test_errors_name_the_input(trained, tmp_path):

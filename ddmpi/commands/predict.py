@@ -1,8 +1,9 @@
 """``ddmpi predict``: classify new images with a trained run directory: CNN-DNN, coherent
 CNN-DNN or global CNN (``ddmpi train``, ``ddmpi compare``).
 
-CNN-DNN: each rank evaluates the local CNNs of its subdomains; rank 0 gathers the decisions,
-applies the combiner and writes the predictions (and, for a labelled HDF5 split, the metrics).
+CNN-DNN: each rank evaluates the local CNNs of its subdomains (any number of ranks: those
+beyond the number of subdomains idle); rank 0 gathers the decisions, applies the combiner and
+writes the predictions (and, for a labelled HDF5 split, the metrics).
 Global CNN: each rank evaluates a share of the images with the one model; rank 0 gathers them.
 """
 
@@ -21,7 +22,7 @@ from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.inputs import load_inputs
 from ddmpi.data.schema import DatasetError
 from ddmpi.models.cnn import build_cnn
-from ddmpi.parallel.layout import assign_subdomains
+from ddmpi.parallel.layout import assign_evaluation
 from ddmpi.report.stats import classification_metrics
 from ddmpi.strategies.rundir import coarse_path, global_path, local_path, read_json
 from ddmpi.training.checkpoint import load_checkpoint
@@ -85,7 +86,7 @@ def _predict_decomposed(run_dir, images, world, dataset, combiner):
     decomposition = Decomposition(tuple(dataset["spatial_shape"]), config.decomposition.grid,
                                   config.decomposition.overlap)
     local = {}
-    for sub in assign_subdomains(decomposition.num_subdomains, world.size)[world.rank]:
+    for sub in assign_evaluation(decomposition.num_subdomains, world.size)[world.rank]:
         x = torch.from_numpy(np.ascontiguousarray(decomposition.extract(images, sub)))
         local[sub] = _probabilities(_local_model(run_dir, sub), x)
     probs = world.gather_decisions(local, decomposition.num_subdomains)

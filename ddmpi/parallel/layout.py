@@ -2,7 +2,8 @@
 
 P <= S ranks: rank r owns the balanced contiguous block ``floor(r*S/P) .. floor((r+1)*S/P)-1``.
 P = k*S ranks (hybrid): k consecutive ranks per subdomain train its CNN data-parallel; the
-group leaders hold the decisions.
+group leaders hold the decisions. Evaluation (``ddmpi predict``) takes any P: the first
+min(P, S) ranks own blocks, the others idle.
 """
 
 from dataclasses import dataclass
@@ -19,12 +20,17 @@ def assign_subdomains(num_subdomains, num_ranks):
     if num_ranks < 1 or num_subdomains < 1:
         raise MappingError("need at least one rank and one subdomain")
     if num_ranks > num_subdomains:
-        raise MappingError(
-            f"{num_ranks} MPI ranks for {num_subdomains} subdomains: run with at most "
-            f"{num_subdomains} ranks, or a multiple of {num_subdomains} with hybrid "
-            f"parallelism (one data-parallel group per subdomain)")
+        raise MappingError(f"{num_ranks} MPI ranks for {num_subdomains} subdomains: a block of "
+                           f"subdomains for every rank needs at most {num_subdomains} ranks")
     return [list(range(r * num_subdomains // num_ranks, (r + 1) * num_subdomains // num_ranks))
             for r in range(num_ranks)]
+
+
+def assign_evaluation(num_subdomains, num_ranks):
+    """List, per rank, of the subdomains whose CNNs it evaluates, for any number of ranks: the
+    blocks of :func:`assign_subdomains` over the first min(P, S) ranks, none for the others."""
+    owners = min(num_ranks, num_subdomains)
+    return assign_subdomains(num_subdomains, owners) + [[] for _ in range(num_ranks - owners)]
 
 
 @dataclass
