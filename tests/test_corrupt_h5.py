@@ -12,9 +12,8 @@ from helpers import corrupt_h5, mpirun
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.inputs import load_inputs
 from ddmpi.data.reader import SubdomainDataset, read_box
-from ddmpi.data.schema import DatasetError, read_info, read_labels
+from ddmpi.data.schema import DatasetError, dataset_fingerprint, read_info, read_labels
 from ddmpi.data.sources import StreamingSource, open_source
-from ddmpi.strategies.base import dataset_fingerprint
 
 BOX = (slice(0, 8), slice(0, 8))
 IMAGES = r"bad.h5: cannot read /{}/images \(.*B-tree"

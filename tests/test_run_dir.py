@@ -249,6 +249,59 @@ def test_resume_refuses_the_same_labels_with_other_images(digits_h5, tmp_path):
         open_run(_config(data, tmp_path / "run"), SELF, resume=True)
 
 
+def _eight_bit_digits(path, dtype):
+    """The digits as 8-bit images, stored as ``dtype`` (both hold the same values)."""
+    import numpy as np
+    from helpers import digits_arrays
+
+    from ddmpi.data.schema import DatasetWriter
+
+    images, labels = digits_arrays()
+    images = np.rint(images * 255).astype(np.uint8)
+    with DatasetWriter(path, name="digits", classes=[str(d) for d in range(10)],
+                       converter="tests", dtype=dtype) as writer:
+        for split, rows in (("train", slice(0, 1200)), ("val", slice(1200, 1500)),
+                            ("test", slice(1500, None))):
+            writer.write_split(split, images[rows], labels[rows])
+    return path
+
+
+def test_resume_takes_the_same_images_in_the_other_storage_dtype(tmp_path):
+    """uint8 and float32 files of the same 8-bit images give the network the same values:
+    the same data set; other images are not."""
+    import h5py
+
+    run_dir = tmp_path / "run"
+    as_float = _eight_bit_digits(tmp_path / "f32.h5", "float32")
+    as_uint8 = _eight_bit_digits(tmp_path / "u8.h5", "uint8")
+    _trained_run(run_dir, as_float)
+    assert open_run(_config(as_uint8, run_dir), SELF, resume=True).resume
+    assert open_run(_config(as_float, run_dir), SELF, resume=True).resume
+    with h5py.File(as_uint8, "r+") as f:
+        f["test/images"][0, 0, 3, 3] = 255 - f["test/images"][0, 0, 3, 3]  # a fingerprinted row
+    with pytest.raises(ConfigError, match="its fingerprint differ"):
+        open_run(_config(as_uint8, run_dir), SELF, resume=True)
+
+
+def test_a_run_recorded_with_the_stored_bytes_fingerprint_still_resumes(tmp_path):
+    """dataset.json of an earlier ddmpi (no fingerprint_version) holds the hash of the stored
+    bytes: compared as such, then recorded anew."""
+    from ddmpi.data.schema import FINGERPRINT_VERSION, dataset_fingerprint
+
+    run_dir, data = tmp_path / "run", _eight_bit_digits(tmp_path / "u8.h5", "uint8")
+    _trained_run(run_dir, data)
+    path = run_dir / "dataset.json"
+    record = json.loads(path.read_text())
+    del record["fingerprint_version"]
+    path.write_text(json.dumps(dict(record, fingerprint="0" * 64)))
+    with pytest.raises(ConfigError, match="its fingerprint differ"):
+        open_run(_config(data, run_dir), SELF, resume=True)
+    path.write_text(json.dumps(dict(record, fingerprint=dataset_fingerprint(data, stored=True))))
+    assert open_run(_config(data, run_dir), SELF, resume=True).resume
+    assert json.loads(path.read_text())["fingerprint"] == dataset_fingerprint(data)
+    assert json.loads(path.read_text())["fingerprint_version"] == FINGERPRINT_VERSION
+
+
 def test_resume_takes_a_copy_whose_provenance_names_other_paths(digits_h5, tmp_path):
     """The same samples prepared from a copy of the sources elsewhere: other source paths in
     the provenance, same data set."""

@@ -4,6 +4,7 @@ Layout, storage dtypes and chunking are documented in docs/dataset-format.md.
 """
 
 import datetime
+import hashlib
 import json
 import math
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ CHUNK_TARGET_BYTES = 256 * 1024
 TILE_FRACTION = 8
 MIN_TILE = 4
 H5_ERRORS = (OSError, KeyError, RuntimeError)  # what h5py raises on a corrupt or truncated file
+FINGERPRINT_ROWS = 16  # images per split in the fingerprint, evenly spaced
+FINGERPRINT_VERSION = 2  # 2: hashes the images' float32 values in [0, 1]; 1: their stored bytes
 
 
 class DatasetError(ValueError):
@@ -435,3 +438,26 @@ def check_finite(x, path, split):
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise DatasetError(f"{path}: {split}/images holds NaN or infinite values")
     return x
+
+
+def dataset_fingerprint(path, stored=False):
+    """sha256 of every split's labels, sample ids and FINGERPRINT_ROWS of its images: another
+    split, selection of samples or preprocessing of the images has another (reading a few
+    rows, not the data set). The images count as the float32 values in [0, 1] the network
+    starts from, alike for uint8 and float32 storage of the same images; ``stored``: as their
+    stored bytes (version 1)."""
+    digest = hashlib.sha256()
+    with open_h5(path) as f:
+        norm = normalization_of(f, path)
+        for split in (s for s in SPLITS if s in f):
+            labels = split_labels(f, split, path)
+            digest.update(labels.astype("<i8").tobytes())
+            with reading(path, f"/{split}/ids"):
+                if "ids" in f[split]:
+                    digest.update(b"\0".join(f[split]["ids"][()].astype(bytes)))
+            n = len(labels)
+            rows = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).astype(int))
+            with reading(path, f"/{split}/images"):
+                images = f[split]["images"][rows]
+            digest.update(np.ascontiguousarray(images if stored else norm.unit(images)).tobytes())
+    return digest.hexdigest()

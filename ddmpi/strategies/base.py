@@ -4,7 +4,6 @@
     -> strategy.evaluate() -> gather timings -> metrics.json, history.json, scalars, plots
 """
 
-import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
@@ -20,7 +19,7 @@ from ddmpi.data.atomic import write_text
 from ddmpi.data.augment import Augmenter, AugmentError
 from ddmpi.data.decomposition import Decomposition
 from ddmpi.data.reader import check_contents
-from ddmpi.data.schema import SPLITS, open_h5, read_info, reading, split_labels
+from ddmpi.data.schema import FINGERPRINT_VERSION, SPLITS, dataset_fingerprint, read_info
 from ddmpi.parallel import cluster
 from ddmpi.report import output as report
 from ddmpi.strategies.rundir import (
@@ -326,31 +325,8 @@ def dataset_record(info):
             "mean": info.mean.tolist(), "std": info.std.tolist(),
             "preprocessing": provenance.get("options", {}),
             "converter": info.attrs.get("converter"), "splits": dict(info.splits),
-            "fingerprint": dataset_fingerprint(info.path)}
-
-
-FINGERPRINT_ROWS = 16  # images per split in the fingerprint, evenly spaced
-
-
-def dataset_fingerprint(path):
-    """sha256 of every split's labels, sample ids and FINGERPRINT_ROWS of its images: another
-    split, selection of samples or preprocessing of the images has another (reading a few
-    rows, not the data set)."""
-    digest = hashlib.sha256()
-    with open_h5(path) as f:
-        for split in SPLITS:
-            if split not in f:
-                continue
-            labels = split_labels(f, split, path)
-            digest.update(labels.astype("<i8").tobytes())
-            with reading(path, f"/{split}/ids"):
-                if "ids" in f[split]:
-                    digest.update(b"\0".join(f[split]["ids"][()].astype(bytes)))
-            n = len(labels)
-            rows = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).astype(int))
-            with reading(path, f"/{split}/images"):
-                digest.update(np.ascontiguousarray(f[split]["images"][rows]).tobytes())
-    return digest.hexdigest()
+            "fingerprint": dataset_fingerprint(info.path),
+            "fingerprint_version": FINGERPRINT_VERSION}
 
 
 def decomposition_of(config, info):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ddmpi.config import ConfigError, differences, dump, load_config, to_dict
 from ddmpi.data.atomic import write_text
+from ddmpi.data.schema import dataset_fingerprint
 
 MIN_FREE_BYTES = 64 << 20
 
@@ -153,17 +154,23 @@ def update_config(run_dir, config):
 
 
 # what identifies a data set (not where it is or how it was made: the source paths differ for
-# a copy made elsewhere); a run recorded before a field existed is not checked on it
+# a copy made elsewhere, the storage dtype for uint8 and float32 files of the same images); a
+# run recorded before a field existed is not checked on it
 IDENTITY = ("classes", "channels", "spatial_shape", "mean", "std", "splits", "fingerprint")
 
 
 def check_same_dataset(run_dir, record):
     """On resume: the data set of ``record`` (see ``base.dataset_record``) is the one recorded
-    in ``RUN_DIR/dataset.json`` (its path may differ); a config error naming both otherwise."""
+    in ``RUN_DIR/dataset.json`` (its path may differ); a config error naming both otherwise.
+
+    A fingerprint recorded without ``fingerprint_version`` (before version 2) hashed the stored
+    bytes: it is compared with that hash of the file (the storage dtype must be the same)."""
     path = Path(run_dir) / "dataset.json"
     if not path.is_file():
         return
     stored, record = read_json(path), json.loads(json.dumps(record))
+    if "fingerprint" in stored and "fingerprint_version" not in stored:
+        record["fingerprint"] = dataset_fingerprint(record["path"], stored=True)
     changed = [key for key in IDENTITY if key in stored and stored[key] != record.get(key)]
     if changed:
         raise ConfigError(f"config field 'data.path': {record['path']} is not the data set "
