@@ -190,6 +190,18 @@ def test_rejects_bad_config():
         assert caught.value.field == field
 
 
+def test_shift_must_keep_more_than_half_of_each_side():
+    """Shifted by 16 of 32 pixels (or 100 of 28), an image could leave view half or wholly."""
+    Augmenter(cfg(shift=15), (32, 32), 0)
+    Augmenter(cfg(shift=3), (8, 12, 16), 0)
+    for shift, shape in ((16, (32, 32)), (100, (28, 28)), (4, (8, 12, 16))):
+        with pytest.raises(AugmentError, match=rf"^{shift} is not less than half the smallest "
+                                               rf"side of the {'x'.join(map(str, shape))} images "
+                                               rf"\({min(shape)}\)") as caught:
+            Augmenter(cfg(shift=shift), shape, 0)
+        assert caught.value.field == "shift"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape,grid,overlap,c", CASES)
 def test_cuda_equals_cpu(shape, grid, overlap, c):

@@ -415,6 +415,14 @@ def test_flip_axes_must_be_axes_of_the_data(digits_h5, tmp_path):
         open_run(_config(digits_h5, tmp_path / "run", "data.augment.flip_axes=[-1, 2]"), SELF)
 
 
+def test_shift_must_fit_the_images_of_the_data(digits_h5, tmp_path):
+    with pytest.raises(ConfigError, match=r"^config field 'data.augment.shift': 4 is not less "
+                                          r"than half the smallest side of the 8x8 images "
+                                          r"\(8\); .* \(.*digits.h5\)$"):
+        open_run(_config(digits_h5, tmp_path / "run", "data.augment.shift=4"), SELF)
+    assert not (tmp_path / "run").exists()
+
+
 def test_amp_on_a_cpu_says_it_trains_in_float32(digits_h5, tmp_path):
     open_run(_config(digits_h5, tmp_path / "run", "run.amp=true"), SELF)
     assert "run.amp: bf16 autocast is for CUDA; cpu trains in float32" in (

@@ -13,8 +13,9 @@ Definition, per sample, along spatial axis ``a`` of length ``L`` (output coordin
 
 i.e. ``S = flip(crop(pad(I, shift, 0)))``: zero padding by ``shift`` (0 = the padding value in
 normalised units), a random crop at offset ``shift + d`` (the CIFAR random crop), then the
-random flip (probability 1/2 per axis in ``flip_axes``). Colour jitter follows, on every pixel
-of ``S`` (padding included), every channel alike::
+random flip (probability 1/2 per axis in ``flip_axes``); ``shift`` must be less than half the
+smallest side, so that every shifted image keeps more than half of each side in view. Colour
+jitter follows, on every pixel of ``S`` (padding included), every channel alike::
 
     A = S * c + b,   c ~ U(1 - contrast, 1 + contrast),   b ~ U(-brightness, brightness)
 
@@ -99,6 +100,12 @@ class Augmenter:
         self.shift = int(_field(cfg, "shift", 0))
         if self.shift < 0:
             raise AugmentError("shift", f"must not be negative, got {self.shift}")
+        side = min(self.image_shape)
+        if 2 * self.shift >= side:
+            raise AugmentError("shift", f"{self.shift} is not less than half the smallest side of "
+                                        f"the {'x'.join(map(str, self.image_shape))} images "
+                                        f"({side}); a shifted image must keep more than half "
+                                        f"of each side in view")
         axes = []
         for a in _field(cfg, "flip_axes", []) or []:
             if isinstance(a, bool) or not isinstance(a, numbers.Integral) \
