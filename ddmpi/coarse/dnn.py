@@ -8,7 +8,7 @@ punish a class less when one subdomain gives it almost no probability). ``skip=F
 the plain dense network of the CNN-DNN papers. Training holds out a seeded, stratified part of
 the decisions it is given for early stopping and for choosing between the coarse model,
 averaged probabilities and majority vote, drawn from the decisions the local CNNs did not train
-on (val, out-of-fold) whenever there are any; it never sees test data.
+on (val, out-of-fold) whenever at least two are; it never sees test data.
 """
 
 import copy
